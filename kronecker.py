@@ -1,0 +1,348 @@
+"""
+Everything about Kronecker factors, in one place:
+
+- the Van Loan-Pitsianis decomposition  W ~ sum_i A_i (x) B_i  (Frobenius-optimal),
+- KronLinear: a linear layer whose weight is sum_i s_i A_i (x) B_i, applied
+  without ever materialising the full weight,
+- the initialisations of the Krony-PT paper (vl, vl-norm, prune, random),
+- the size planner:  python kronecker.py plan
+
+Conventions. A weight W has the nn.Linear layout (out, in). With A of shape
+(m1, n1) and B of shape (m2, n2), out = m1*m2 and in = n1*n2, and the
+Kronecker product is the block matrix whose (i1, j1) block is A[i1, j1] * B:
+
+    (A (x) B)[i1*m2 + i2, j1*n2 + j2] = A[i1, j1] * B[i2, j2]
+
+which is exactly torch.kron(A, B). Viewing an input vector x of length n1*n2
+as an (n1, n2) matrix X (row-major), (A (x) B) x = vec(A X B^T).
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from einops import rearrange
+
+INITS = ("vl", "vl-norm", "prune", "random")
+SVD_METHODS = ("exact", "randomized")
+
+
+# -----------------------------------------------------------------------------
+# Shapes
+
+def divisors(n: int) -> list[int]:
+    return [d for d in range(1, n + 1) if n % d == 0]
+
+
+def rank_bound(a_shape: tuple[int, int], b_shape: tuple[int, int]) -> int:
+    """Most Kronecker factors that can be non-zero: the rank of the rearranged
+    (m1*n1, m2*n2) matrix is at most min(m1*n1, m2*n2)."""
+    (m1, n1), (m2, n2) = a_shape, b_shape
+    return min(m1 * n1, m2 * n2)
+
+
+def b_shape_for(weight_shape: tuple[int, int], a_shape: tuple[int, int], k: int = 1) -> tuple[int, int]:
+    """The B shape that goes with `a_shape` for a weight of `weight_shape` (out, in).
+
+    Raises ValueError, listing valid choices, if A does not tile W or if k is
+    larger than the rank bound of the rearranged matrix.
+    """
+    out_f, in_f = weight_shape
+    if len(tuple(a_shape)) != 2:
+        raise ValueError(f"kron_shape must be a pair (m1, n1), got {a_shape!r}")
+    m1, n1 = (int(s) for s in a_shape)
+    if m1 <= 0 or n1 <= 0 or out_f % m1 or in_f % n1:
+        rows = ", ".join(str(d) for d in divisors(out_f))
+        cols = ", ".join(str(d) for d in divisors(in_f))
+        raise ValueError(
+            f"A shape {tuple(a_shape)} does not tile a weight of shape (out={out_f}, in={in_f}): "
+            f"m1 must divide {out_f} and n1 must divide {in_f}. "
+            f"Valid m1: {rows}. Valid n1: {cols}. "
+            f"Run `python kronecker.py plan` to see every valid shape with its size.")
+    b = (out_f // m1, in_f // n1)
+    if k < 1:
+        raise ValueError(f"the number of Kronecker factors must be >= 1, got k={k}")
+    bound = rank_bound((m1, n1), b)
+    if k > bound:
+        raise ValueError(
+            f"k={k} Kronecker factors of A {(m1, n1)} (x) B {b} is more than the rank bound "
+            f"min(m1*n1, m2*n2) = {bound} of the rearranged matrix; choose k in 1..{bound}.")
+    return b
+
+
+# -----------------------------------------------------------------------------
+# Van Loan decomposition
+
+def vl_rearrange(W: torch.Tensor, a_shape: tuple[int, int]) -> torch.Tensor:
+    """R(W): (..., m1*m2, n1*n2) -> (..., m1*n1, m2*n2).
+
+    Each (m2, n2) block of W becomes one row of R(W), so that A (x) B maps to
+    the rank-one matrix vec(A) vec(B)^T and the best sum of k Kronecker
+    products is the best rank-k approximation of R(W)."""
+    m1, n1 = a_shape
+    return rearrange(W, "... (m1 m2) (n1 n2) -> ... (m1 n1) (m2 n2)", m1=m1, n1=n1)
+
+
+def kron_decompose(W: torch.Tensor, a_shape: tuple[int, int], k: int = 1,
+                   method: str = "exact", niter: int = 4) -> tuple[torch.Tensor, torch.Tensor]:
+    """Van Loan-Pitsianis: the Frobenius-optimal W ~ sum_{i<k} A_i (x) B_i.
+
+    W: (..., out, in), any leading batch dims. Returns A (..., k, m1, n1) and
+    B (..., k, m2, n2) with A_i = sqrt(s_i) u_i and B_i = sqrt(s_i) v_i for the
+    top-k singular triplets (s_i, u_i, v_i) of the rearranged matrix.
+    method="randomized" uses torch.svd_lowrank (faster for small k, approximate).
+    """
+    m1, n1 = a_shape
+    m2, n2 = b_shape_for(tuple(W.shape[-2:]), a_shape, k)
+    if method not in SVD_METHODS:
+        raise ValueError(f"unknown SVD method {method!r}; choose one of {SVD_METHODS}")
+    R = vl_rearrange(W.float(), (m1, n1))                    # (..., m1*n1, m2*n2)
+    if method == "exact":
+        U, S, Vh = torch.linalg.svd(R, full_matrices=False)
+        U, S, V = U[..., :k], S[..., :k], Vh[..., :k, :].transpose(-1, -2)
+    else:
+        U, S, V = torch.svd_lowrank(R, q=min(k + 8, *R.shape[-2:]), niter=niter)
+        U, S, V = U[..., :k], S[..., :k], V[..., :k]
+    root = S.sqrt().unsqueeze(-2)                             # (..., 1, k)
+    A = rearrange(U * root, "... (m1 n1) k -> ... k m1 n1", m1=m1)
+    B = rearrange(V * root, "... (m2 n2) k -> ... k m2 n2", m2=m2)
+    return A.to(W.dtype), B.to(W.dtype)
+
+
+def kron_sum(A: torch.Tensor, B: torch.Tensor, s: torch.Tensor | None = None) -> torch.Tensor:
+    """sum_i s_i A_i (x) B_i as a dense (m1*m2, n1*n2) matrix. A: (k, m1, n1), B: (k, m2, n2)."""
+    if s is not None:
+        A = A * s.view(-1, 1, 1)
+    W = torch.einsum("kac,kbd->abcd", A, B)                   # (m1, m2, n1, n2)
+    return rearrange(W, "m1 m2 n1 n2 -> (m1 m2) (n1 n2)")
+
+
+# -----------------------------------------------------------------------------
+# The Kronecker linear layer
+
+def factored_macs(a_shape: tuple[int, int], b_shape: tuple[int, int], k: int = 1) -> tuple[int, str]:
+    """Multiply-adds per input row of the cheaper contraction order, and that order.
+
+    "a_first": U = A X (m1*n1*n2), then U B^T (m1*n2*m2).
+    "b_first": V = X B^T (n1*n2*m2), then A V (m1*n1*m2)."""
+    (m1, n1), (m2, n2) = a_shape, b_shape
+    a_first = m1 * n1 * n2 + m1 * n2 * m2
+    b_first = n1 * n2 * m2 + m1 * n1 * m2
+    return (k * a_first, "a_first") if a_first <= b_first else (k * b_first, "b_first")
+
+
+class KronLinear(nn.Module):
+    """y = x W^T + b with W = sum_i s_i A_i (x) B_i, never materialising W in forward.
+
+    Parameters: A (k, m1, n1), B (k, m2, n2), optional scalars s (k,), optional bias (out,).
+    """
+
+    def __init__(self, in_features: int, out_features: int, a_shape: tuple[int, int], k: int = 1,
+                 bias: bool = True, scalars: bool = False):
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.a_shape = (int(a_shape[0]), int(a_shape[1]))
+        self.b_shape = b_shape_for((out_features, in_features), self.a_shape, k)
+        self.k = k
+        self.A = nn.Parameter(torch.empty(k, *self.a_shape))
+        self.B = nn.Parameter(torch.empty(k, *self.b_shape))
+        self.scalars = nn.Parameter(torch.ones(k)) if scalars else None
+        self.bias = nn.Parameter(torch.zeros(out_features)) if bias else None
+        macs, self.order = factored_macs(self.a_shape, self.b_shape, k)
+        # When the factored form saves nothing (e.g. B is 1x1, or (2,1) for
+        # c_fc), one dense GEMM on the materialised weight is faster.
+        self.materialize_in_forward = macs >= in_features * out_features
+        nn.init.normal_(self.A, std=0.02)
+        nn.init.normal_(self.B, std=0.02)
+
+    def extra_repr(self) -> str:
+        return (f"in={self.in_features}, out={self.out_features}, A={self.a_shape}, B={self.b_shape}, "
+                f"k={self.k}, scalars={self.scalars is not None}, bias={self.bias is not None}")
+
+    def materialize(self) -> torch.Tensor:
+        """The dense weight sum_i s_i A_i (x) B_i, shape (out, in)."""
+        return kron_sum(self.A, self.B, self.scalars)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.materialize_in_forward:
+            return F.linear(x, self.materialize().to(x.dtype), self.bias)
+        (m1, n1), (m2, n2) = self.a_shape, self.b_shape
+        A, B = self.A, self.B
+        if self.scalars is not None:
+            B = B * self.scalars.view(-1, 1, 1)
+        A, B = A.to(x.dtype), B.to(x.dtype)
+        lead = x.shape[:-1]
+        X = x.reshape(-1, n1, n2)                              # (N, n1, n2)
+        if self.order == "a_first":
+            U = torch.einsum("kmp,npq->nkmq", A, X)            # (N, k, m1, n2)
+            Y = torch.einsum("nkmq,krq->nmr", U, B)            # (N, m1, m2)
+        else:
+            V = torch.einsum("npq,krq->nkpr", X, B)            # (N, k, n1, m2)
+            Y = torch.einsum("kmp,nkpr->nmr", A, V)            # (N, m1, m2)
+        y = Y.reshape(*lead, m1 * m2)
+        return y + self.bias if self.bias is not None else y
+
+    @torch.no_grad()
+    def init_from_weight(self, W: torch.Tensor, init: str = "vl-norm", svd: str = "exact") -> None:
+        """Set the factors from a dense weight W (out, in) with one of INITS."""
+        if init not in INITS:
+            raise ValueError(f"unknown Kronecker init {init!r}; choose one of {', '.join(INITS)}")
+        if tuple(W.shape) != (self.out_features, self.in_features):
+            raise ValueError(f"weight of shape {tuple(W.shape)} does not fit KronLinear "
+                             f"(out={self.out_features}, in={self.in_features})")
+        if self.scalars is not None:
+            self.scalars.fill_(1.0)
+        if init == "random":
+            nn.init.normal_(self.A, std=0.02)
+            nn.init.normal_(self.B, std=0.02)
+        elif init == "prune":
+            if self.k > 1:
+                raise ValueError("init='prune' makes one factor; use k=1 (kron_factors=1)")
+            A, B = prune_factors(W, self.a_shape, self.b_shape)
+            self.A.copy_(A[None])
+            self.B.copy_(B[None])
+        else:
+            A, B = kron_decompose(W, self.a_shape, self.k, method=svd)
+            if init == "vl-norm":
+                # paper 3.3.2: alpha = ||W|| / ||W_hat||, so the norms match exactly
+                alpha = W.float().norm() / kron_sum(A.float(), B.float()).norm().clamp_min(1e-12)
+                if self.scalars is not None:
+                    self.scalars.fill_(alpha.item())
+                else:
+                    # fold alpha into the factors, sqrt into each so they stay balanced
+                    A, B = A * alpha.sqrt(), B * alpha.sqrt()
+            self.A.copy_(A)
+            self.B.copy_(B)
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, a_shape: tuple[int, int], k: int = 1,
+                    init: str = "vl-norm", scalars: bool = False, svd: str = "exact") -> "KronLinear":
+        """A KronLinear approximating `linear` (weights initialised by `init`, bias copied)."""
+        layer = cls(linear.in_features, linear.out_features, a_shape, k,
+                    bias=linear.bias is not None, scalars=scalars)
+        layer.to(device=linear.weight.device, dtype=linear.weight.dtype)
+        layer.init_from_weight(linear.weight.detach(), init, svd)
+        if linear.bias is not None:
+            with torch.no_grad():
+                layer.bias.copy_(linear.bias)
+        return layer
+
+
+def prune_factors(W: torch.Tensor, a_shape: tuple[int, int],
+                  b_shape: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Paper 3.3.3: A keeps every other row (B (2,1)) or column (B (1,2)) of W, B = [1, 0.1].
+
+    A (x) B then reproduces the kept rows (columns) exactly and fills the others
+    with a tenth of their neighbour. No SVD."""
+    if b_shape == (2, 1):
+        A, B = W[0::2, :], torch.tensor([[1.0], [0.1]])
+    elif b_shape == (1, 2):
+        A, B = W[:, 0::2], torch.tensor([[1.0, 0.1]])
+    else:
+        raise ValueError(
+            f"init='prune' needs B of shape (2, 1) or (1, 2) (the 96M class, A = (1536, 768) "
+            f"for GPT-2 small); this A shape {a_shape} gives B {b_shape}. Use init='vl' or 'vl-norm'.")
+    assert tuple(A.shape) == tuple(a_shape)
+    return A.clone(), B.to(W)
+
+
+# -----------------------------------------------------------------------------
+# Size planner
+
+def gpt_param_count(n_embd: int = 768, n_layer: int = 12, vocab: int = 50257, block_size: int = 1024,
+                    mlp_matrix_params: int | None = None, include_wpe: bool = True) -> int:
+    """Parameters of a GPT-2 with tied embeddings, biases and LayerNorms.
+
+    mlp_matrix_params: parameters of ONE MLP weight matrix (c_fc or c_proj, the
+    two are the same size); None means dense (4 * n_embd * n_embd)."""
+    d = n_embd
+    if mlp_matrix_params is None:
+        mlp_matrix_params = 4 * d * d
+    per_layer = (2 * d                        # ln_1
+                 + 3 * d * d + 3 * d          # attn.c_attn
+                 + d * d + d                  # attn.c_proj
+                 + 2 * d                      # ln_2
+                 + 2 * mlp_matrix_params      # mlp.c_fc, mlp.c_proj weights
+                 + 4 * d + d)                 # their biases
+    total = vocab * d + n_layer * per_layer + 2 * d  # wte (tied with lm_head), ln_f
+    return total + (block_size * d if include_wpe else 0)
+
+
+@dataclass
+class PlanRow:
+    a_shape: tuple[int, int]
+    b_shape: tuple[int, int]
+    matrix_params: int        # one MLP matrix: k * (m1*n1 + m2*n2) [+ k scalars]
+    rank_bound: int           # min(m1*n1, m2*n2): most useful factors
+    kron_rank: int            # min(m1,n1)*min(m2,n2): rank of one A (x) B
+    model_size: int           # with position embeddings
+    model_size_no_wpe: int
+
+
+def plan(n_embd: int = 768, n_layer: int = 12, vocab: int = 50257, block_size: int = 1024,
+         factors: int = 1, scalars: bool = False, max_rank_only: bool = False) -> list[PlanRow]:
+    """Every (A, B) shape for c_fc (4*n_embd, n_embd), with its size; sorted by size."""
+    out_f, in_f = 4 * n_embd, n_embd
+    rows = []
+    for m1 in divisors(out_f):
+        for n1 in divisors(in_f):
+            a, b = (m1, n1), (out_f // m1, in_f // n1)
+            if factors > rank_bound(a, b):
+                continue
+            kr = min(a) * min(b)
+            if max_rank_only and kr != n_embd:
+                continue
+            mp = factors * (a[0] * a[1] + b[0] * b[1] + (1 if scalars else 0))
+            rows.append(PlanRow(a, b, mp, rank_bound(a, b), kr,
+                                gpt_param_count(n_embd, n_layer, vocab, block_size, mp, True),
+                                gpt_param_count(n_embd, n_layer, vocab, block_size, mp, False)))
+    rows.sort(key=lambda r: (r.matrix_params, r.a_shape))
+    return rows
+
+
+def format_plan(rows: list[PlanRow]) -> str:
+    head = f"| {'A shape (c_fc)':<16} | {'B shape':<10} | {'params/matrix':>13} | {'rank bound':>10} | " \
+           f"{'rank A(x)B':>10} | {'model size':>13} | {'without wpe':>13} |"
+    sep = "|" + "|".join("-" * (len(c)) for c in head.split("|")[1:-1]) + "|"
+    lines = [head, sep]
+    for r in rows:
+        lines.append(f"| {str(r.a_shape):<16} | {str(r.b_shape):<10} | {r.matrix_params:>13,} | "
+                     f"{r.rank_bound:>10,} | {r.kron_rank:>10,} | {r.model_size:>13,} | {r.model_size_no_wpe:>13,} |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(
+        prog="kronecker.py", description="Kronecker factor tools for Krony-PT.")
+    sub = p.add_subparsers(dest="cmd", required=True)
+    pp = sub.add_parser("plan", help="table of valid A/B shapes for the MLP matrices, with model sizes",
+                        description="Lists every A shape (m1, n1) that tiles c_fc (4*n_embd, n_embd); "
+                        "c_proj uses the transposed shapes. Sizes count the tied embedding once; "
+                        "'model size' includes the position embeddings, 'without wpe' leaves them out "
+                        "(the paper's '92.2M' convention).")
+    pp.add_argument("--n-embd", type=int, default=768)
+    pp.add_argument("--n-layer", type=int, default=12)
+    pp.add_argument("--vocab", type=int, default=50257)
+    pp.add_argument("--block-size", type=int, default=1024)
+    pp.add_argument("--factors", type=int, default=1, help="number k of Kronecker factors per matrix")
+    pp.add_argument("--scalars", action="store_true", help="count one trained scalar per factor")
+    pp.add_argument("--max-rank-only", action="store_true",
+                    help="only shapes with min(m1,n1)*min(m2,n2) = n_embd (the paper's Table 1)")
+    args = p.parse_args(argv)
+    if args.cmd == "plan":
+        rows = plan(args.n_embd, args.n_layer, args.vocab, args.block_size, args.factors,
+                    args.scalars, args.max_rank_only)
+        dense = gpt_param_count(args.n_embd, args.n_layer, args.vocab, args.block_size)
+        print(f"dense GPT-2 (n_embd={args.n_embd}, n_layer={args.n_layer}): {dense:,} parameters "
+              f"({gpt_param_count(args.n_embd, args.n_layer, args.vocab, args.block_size, include_wpe=False):,} without wpe); "
+              f"k={args.factors} factor(s){' with scalars' if args.scalars else ''}")
+        print(format_plan(rows))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

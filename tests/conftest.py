@@ -1,0 +1,73 @@
+"""Shared fixtures: tiny GPT-2 checkpoints built with transformers, in both on-disk layouts."""
+import json
+import os
+import sys
+
+import pytest
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+SHARED = os.path.join(os.path.dirname(ROOT), "shared")
+TIKTOKEN_CACHE = os.environ.get("TIKTOKEN_CACHE_DIR") or os.path.join(SHARED, "tiktoken_cache")
+
+
+def make_tiny_hf(directory, n_layer=2, n_embd=32, n_head=2, n_positions=64, vocab_size=50257,
+                 layout="save_pretrained", seed=0):
+    """Save a random GPT2LMHeadModel to `directory` and return it (eval mode, float32).
+
+    layout="save_pretrained": transformers' own files ('transformer.h.N...' keys).
+    layout="hub": the hub's gpt2 layout: keys without the 'transformer.' prefix,
+    'h.N.attn.bias' causal-mask buffers, no lm_head.weight.
+    layout="bin": save_pretrained's keys in a pytorch_model.bin only."""
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(seed)
+    cfg = transformers.GPT2Config(n_layer=n_layer, n_embd=n_embd, n_head=n_head, n_positions=n_positions,
+                                  vocab_size=vocab_size, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+    hf = transformers.GPT2LMHeadModel(cfg).eval()
+    # random LayerNorm and bias values too, so that a wrongly-loaded one shows up
+    with torch.no_grad():
+        for name, p in hf.named_parameters():
+            if name.endswith("bias") or ".ln_" in name:
+                p.add_(0.1 * torch.randn_like(p))
+    os.makedirs(directory, exist_ok=True)
+    if layout == "save_pretrained":
+        hf.save_pretrained(directory)
+    else:
+        cfg.save_pretrained(directory)
+        sd = {k: v.contiguous().clone() for k, v in hf.state_dict().items() if k != "lm_head.weight"}
+        if layout == "hub":
+            from safetensors.torch import save_file
+            sd = {k[len("transformer."):]: v for k, v in sd.items()}
+            for i in range(n_layer):
+                sd[f"h.{i}.attn.bias"] = torch.tril(torch.ones(n_positions, n_positions)).view(
+                    1, 1, n_positions, n_positions)
+            save_file(sd, os.path.join(directory, "model.safetensors"))
+        elif layout == "bin":
+            torch.save(sd, os.path.join(directory, "pytorch_model.bin"))
+        else:
+            raise ValueError(layout)
+    return hf
+
+
+@pytest.fixture(scope="session")
+def tiny_hf_dir(tmp_path_factory):
+    d = str(tmp_path_factory.mktemp("tiny_gpt2"))
+    make_tiny_hf(d)
+    return d
+
+
+@pytest.fixture(scope="session")
+def tiny_hf(tiny_hf_dir):
+    transformers = pytest.importorskip("transformers")
+    return transformers.GPT2LMHeadModel.from_pretrained(tiny_hf_dir).eval()
+
+
+@pytest.fixture
+def tiktoken_gpt2(monkeypatch):
+    """The real GPT-2 BPE, offline, from shared/tiktoken_cache; skip where absent."""
+    if not os.path.isdir(TIKTOKEN_CACHE):
+        pytest.skip(f"no tiktoken cache at {TIKTOKEN_CACHE}: set TIKTOKEN_CACHE_DIR to shared/tiktoken_cache")
+    monkeypatch.setenv("TIKTOKEN_CACHE_DIR", TIKTOKEN_CACHE)
+    import tiktoken
+    return tiktoken.get_encoding("gpt2")
