@@ -101,7 +101,8 @@ def kron_decompose(W: torch.Tensor, a_shape: tuple[int, int], k: int = 1,
     m2, n2 = b_shape_for(tuple(W.shape[-2:]), a_shape, k)
     if method not in SVD_METHODS:
         raise ValueError(f"unknown SVD method {method!r}; choose one of {SVD_METHODS}")
-    R = vl_rearrange(W.float(), (m1, n1))                    # (..., m1*n1, m2*n2)
+    work = W if W.dtype == torch.float64 else W.float()      # SVD in at least float32
+    R = vl_rearrange(work, (m1, n1))                          # (..., m1*n1, m2*n2)
     if method == "exact":
         U, S, Vh = torch.linalg.svd(R, full_matrices=False)
         U, S, V = U[..., :k], S[..., :k], Vh[..., :k, :].transpose(-1, -2)
@@ -146,8 +147,8 @@ class KronLinear(nn.Module):
                  bias: bool = True, scalars: bool = False):
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
+        self.b_shape = b_shape_for((out_features, in_features), a_shape, k)  # validates a_shape, k
         self.a_shape = (int(a_shape[0]), int(a_shape[1]))
-        self.b_shape = b_shape_for((out_features, in_features), self.a_shape, k)
         self.k = k
         self.A = nn.Parameter(torch.empty(k, *self.a_shape))
         self.B = nn.Parameter(torch.empty(k, *self.b_shape))

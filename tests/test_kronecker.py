@@ -1,0 +1,184 @@
+"""kronecker.py: Van Loan optimality, initialisations, KronLinear vs its dense weight, the planner."""
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn as nn
+
+from conftest import ROOT
+from kronecker import (KronLinear, b_shape_for, gpt_param_count, kron_decompose, kron_sum, plan, rank_bound,
+                       vl_rearrange)
+
+
+def discarded_norm(W, a_shape, k):
+    S = torch.linalg.svdvals(vl_rearrange(W.double(), a_shape))
+    return S[k:].norm().item()
+
+
+@pytest.mark.parametrize("shape,a_shape", [((24, 12), (4, 3)), ((12, 24), (6, 4)), ((32, 8), (8, 2)),
+                                           ((48, 12), (8, 4)), ((64, 16), (2, 4))])
+@pytest.mark.parametrize("k", [1, 2, 3, 4])
+def test_van_loan_is_frobenius_optimal(shape, a_shape, k):
+    torch.manual_seed(k)
+    W = torch.randn(*shape, dtype=torch.float64)
+    A, B = kron_decompose(W, a_shape, k)
+    m2, n2 = shape[0] // a_shape[0], shape[1] // a_shape[1]
+    assert A.shape == (k, *a_shape) and B.shape == (k, m2, n2)
+    err = (W - kron_sum(A, B)).norm().item()
+    assert err == pytest.approx(discarded_norm(W, a_shape, k), rel=1e-9, abs=1e-9)
+    # and it matches torch.kron, the textbook definition
+    ref = sum(torch.kron(A[i], B[i]) for i in range(k))
+    torch.testing.assert_close(kron_sum(A, B), ref)
+
+
+def test_exact_kronecker_product_is_recovered():
+    torch.manual_seed(0)
+    A, B = torch.randn(6, 4, dtype=torch.float64), torch.randn(5, 3, dtype=torch.float64)
+    W = torch.kron(A, B)
+    A1, B1 = kron_decompose(W, (6, 4), 1)
+    torch.testing.assert_close(torch.kron(A1[0], B1[0]), W)
+
+
+def test_batched_decompose_matches_one_by_one():
+    W = torch.randn(3, 24, 12, dtype=torch.float64)
+    A, B = kron_decompose(W, (4, 3), 2)
+    assert A.shape == (3, 2, 4, 3) and B.shape == (3, 2, 6, 4)
+    for i in range(3):
+        torch.testing.assert_close(kron_sum(A[i], B[i]), kron_sum(*kron_decompose(W[i], (4, 3), 2)))
+
+
+def test_randomized_svd_is_close_to_exact():
+    torch.manual_seed(0)
+    # a matrix that is nearly a sum of 2 Kronecker products, so low-rank SVD is accurate
+    W = sum(torch.kron(torch.randn(16, 8), torch.randn(4, 6)) for _ in range(2)) + 1e-3 * torch.randn(64, 48)
+    exact = kron_sum(*kron_decompose(W, (16, 8), 2))
+    approx = kron_sum(*kron_decompose(W, (16, 8), 2, method="randomized"))
+    assert (exact - approx).norm() / exact.norm() < 1e-3
+
+
+@pytest.mark.parametrize("scalars", [False, True])
+@pytest.mark.parametrize("k", [1, 3])
+def test_vl_norm_matches_the_norm(k, scalars):
+    torch.manual_seed(0)
+    lin = nn.Linear(16, 64)
+    kl = KronLinear.from_linear(lin, (16, 4), k=k, init="vl-norm", scalars=scalars)
+    assert kl.materialize().norm().item() == pytest.approx(lin.weight.norm().item(), rel=1e-5)
+    plain = KronLinear.from_linear(lin, (16, 4), k=k, init="vl")
+    assert plain.materialize().norm() < lin.weight.norm()  # the norm loss vl-norm corrects
+    # vl-norm is vl scaled by alpha: same direction
+    alpha = lin.weight.norm() / plain.materialize().norm()
+    torch.testing.assert_close(kl.materialize(), alpha * plain.materialize(), rtol=1e-4, atol=1e-6)
+    if scalars:
+        torch.testing.assert_close(kl.scalars.detach(), torch.full((k,), alpha.item()))
+    torch.testing.assert_close(kl.bias, lin.bias)
+
+
+def test_prune_keeps_every_other_row_and_column():
+    torch.manual_seed(0)
+    fc = nn.Linear(8, 32)  # c_fc: W (32, 8), A (16, 8), B (2, 1)
+    k = KronLinear.from_linear(fc, (16, 8), init="prune")
+    W, W_hat = fc.weight.detach(), k.materialize().detach()
+    torch.testing.assert_close(W_hat[0::2], W[0::2], rtol=0, atol=0)
+    torch.testing.assert_close(W_hat[1::2], 0.1 * W[0::2])
+    proj = nn.Linear(32, 8)  # c_proj: W (8, 32), A (8, 16), B (1, 2)
+    k = KronLinear.from_linear(proj, (8, 16), init="prune")
+    W, W_hat = proj.weight.detach(), k.materialize().detach()
+    torch.testing.assert_close(W_hat[:, 0::2], W[:, 0::2], rtol=0, atol=0)
+    torch.testing.assert_close(W_hat[:, 1::2], 0.1 * W[:, 0::2])
+
+
+def test_random_init_has_the_right_scale():
+    k = KronLinear.from_linear(nn.Linear(64, 256), (16, 16), init="random")
+    assert 0.015 < k.A.std().item() < 0.025 and 0.015 < k.B.std().item() < 0.025
+
+
+# Every B-shape class of Table 1, at the real GPT-2 sizes where cheap and scaled down otherwise.
+TABLE1_CLASSES = [
+    ((768, 3072), (3072, 768)),   # B (1, 1), c_fc
+    ((3072, 768), (768, 3072)),   # B (1, 1), c_proj
+    ((768, 3072), (1536, 768)),   # B (2, 1)
+    ((3072, 768), (768, 1536)),   # B (1, 2)
+    ((768, 3072), (768, 768)),    # B (4, 1)
+    ((768, 3072), (1536, 384)),   # B (2, 2)
+    ((768, 3072), (1024, 256)),   # B (3, 3)
+    ((768, 3072), (64, 32)),      # B (48, 24)
+    ((3072, 768), (32, 64)),      # B (24, 48)
+    ((768, 3072), (128, 32)),     # B (24, 24)
+]
+
+
+@pytest.mark.parametrize("io,a_shape", TABLE1_CLASSES)
+@pytest.mark.parametrize("k,scalars", [(1, False), (2, True)])
+def test_kronlinear_matches_dense_weight(io, a_shape, k, scalars):
+    torch.manual_seed(0)
+    in_f, out_f = io
+    k = min(k, rank_bound(a_shape, b_shape_for((out_f, in_f), a_shape)))  # B (1, 1) allows one factor
+    layer = KronLinear(in_f, out_f, a_shape, k=k, scalars=scalars)
+    with torch.no_grad():
+        layer.bias.normal_()
+        if scalars:
+            layer.scalars.copy_(torch.tensor([1.5, -0.5][:k]))
+    x = torch.randn(3, 5, in_f, requires_grad=True)
+    y = layer(x)
+    assert y.shape == (3, 5, out_f)
+    # reference: a fresh copy of the parameters through the dense weight
+    ref = KronLinear(in_f, out_f, a_shape, k=k, scalars=scalars)
+    ref.load_state_dict(layer.state_dict())
+    x2 = x.detach().clone().requires_grad_(True)
+    y_ref = x2 @ ref.materialize().T + ref.bias
+    torch.testing.assert_close(y, y_ref, rtol=1e-4, atol=1e-4)
+    g = torch.randn_like(y)
+    y.backward(g)
+    y_ref.backward(g)
+    torch.testing.assert_close(x.grad, x2.grad, rtol=1e-4, atol=1e-4)
+    for name in ("A", "B", "bias") + (("scalars",) if scalars else ()):
+        got, want = getattr(layer, name).grad, getattr(ref, name).grad
+        torch.testing.assert_close(got, want, rtol=1e-3, atol=1e-3 * want.abs().max().item())
+
+
+def test_bad_shapes_say_what_to_do():
+    with pytest.raises(ValueError, match=r"Valid m1: .*1536.*kronecker.py plan"):
+        KronLinear(768, 3072, (1000, 768))
+    with pytest.raises(ValueError, match=r"rank bound .* choose k in 1\.\.1"):
+        KronLinear(768, 3072, (3072, 768), k=2)
+    with pytest.raises(ValueError, match="pair"):
+        KronLinear(768, 3072, (3072,))
+    lin = nn.Linear(8, 32)
+    with pytest.raises(ValueError, match="unknown Kronecker init 'svd'.*vl-norm"):
+        KronLinear.from_linear(lin, (16, 8), init="svd")
+    with pytest.raises(ValueError, match=r"prune.*\(2, 1\) or \(1, 2\).*vl-norm"):
+        KronLinear.from_linear(lin, (8, 4), init="prune")
+    with pytest.raises(ValueError, match="k=1"):
+        KronLinear.from_linear(lin, (16, 8), k=2, init="prune")
+
+
+# SPEC.md Table 1 (A shape for c_fc, params per matrix, model size with position embeddings)
+TABLE1 = [((64, 32), (48, 24), 3_200, 67_893_504), ((128, 32), (24, 24), 4_672, 67_928_832),
+          ((1024, 256), (3, 3), 262_153, 74_108_376), ((768, 768), (4, 1), 589_828, 81_972_576),
+          ((1536, 384), (2, 2), 589_828, 81_972_576), ((1536, 768), (2, 1), 1_179_650, 96_128_304),
+          ((3072, 768), (1, 1), 2_359_297, 124_439_832)]
+
+
+def test_plan_reproduces_table_1():
+    rows = {r.a_shape: r for r in plan(max_rank_only=True)}
+    for a, b, per_matrix, size in TABLE1:
+        r = rows[a]
+        assert (r.b_shape, r.matrix_params, r.model_size) == (b, per_matrix, size)
+        assert r.kron_rank == 768
+    many = {k: {r.a_shape: r for r in plan(factors=k)}[(1024, 256)] for k in (2, 3, 4)}
+    assert [many[k].model_size for k in (2, 3, 4)] == [80_400_048, 86_691_720, 92_983_392]
+    assert many[4].model_size_no_wpe == 92_196_960
+    assert gpt_param_count() == 124_439_808  # dense GPT-2 small
+    # every listed shape tiles the matrix, and --max-rank-only keeps exactly the full-rank ones
+    all_rows = plan()
+    assert all(r.a_shape[0] * r.b_shape[0] == 3072 and r.a_shape[1] * r.b_shape[1] == 768 for r in all_rows)
+    assert {r.a_shape for r in all_rows if r.kron_rank == 768} == set(rows)
+
+
+def test_plan_cli_prints_both_sizes():
+    out = subprocess.run([sys.executable, "kronecker.py", "plan", "--factors", "4", "--max-rank-only"],
+                         cwd=ROOT, capture_output=True, text=True, check=True).stdout
+    line = next(l for l in out.splitlines() if l.startswith("| (1024, 256)"))
+    assert "92,983,392" in line and "92,196,960" in line
+    assert "without wpe" in out
