@@ -124,17 +124,116 @@ def kron_sum(A: torch.Tensor, B: torch.Tensor, s: torch.Tensor | None = None) ->
 
 
 # -----------------------------------------------------------------------------
+# Sparse residual correction (seeds/003): W ~ W_hat + S
+
+def sparse_count(shape: tuple[int, int], fraction: float) -> int:
+    """Entries a sparse residual keeps for a weight of `shape` and fraction p:
+    round(p * out * in). It follows from p and the shape alone, so state dicts
+    of the same config always have the same shapes."""
+    if not 0.0 <= fraction <= 1.0:
+        raise ValueError(f"kron_sparse must be a fraction in [0, 1], got {fraction}")
+    numel = shape[0] * shape[1]
+    return min(numel, int(math.floor(fraction * numel + 0.5)))
+
+
+class SparseResidual(nn.Module):
+    """S (out, in) with nnz entries: trainable values at fixed (row, col) positions.
+
+    Init keeps the largest-magnitude fraction p of the residual R = W - W_hat, so the
+    squared error drops from ||R||^2 to ||R||^2 - ||S||^2. forward returns x S^T with a
+    sparse matmul; S is never densified. The positions are a buffer (int64 (2, nnz),
+    sorted row-major so the COO tensor is coalesced): index_bytes() is their memory."""
+
+    def __init__(self, out_features: int, in_features: int, fraction: float):
+        super().__init__()
+        self.out_features, self.in_features, self.fraction = out_features, in_features, fraction
+        nnz = sparse_count((out_features, in_features), fraction)
+        flat = torch.arange(nnz)                      # placeholder positions until init_from_residual
+        self.register_buffer("index", torch.stack([flat // in_features, flat % in_features]))
+        self.values = nn.Parameter(torch.zeros(nnz))
+
+    def extra_repr(self) -> str:
+        return f"p={self.fraction:g}, nnz={self.values.numel()}, index_bytes={self.index_bytes()}"
+
+    def index_bytes(self) -> int:
+        return self.index.numel() * self.index.element_size()
+
+    @torch.no_grad()
+    def init_from_residual(self, R: torch.Tensor) -> None:
+        """Keep the nnz largest-magnitude entries of the residual R (out, in)."""
+        nnz = self.values.numel()
+        flat = R.reshape(-1)
+        keep = flat.abs().topk(nnz, sorted=False).indices.sort().values   # row-major order: coalesced
+        self.index.copy_(torch.stack([keep // self.in_features, keep % self.in_features]))
+        self.values.copy_(flat[keep])
+
+    def to_dense(self) -> torch.Tensor:
+        S = torch.zeros(self.out_features, self.in_features, dtype=self.values.dtype, device=self.values.device)
+        return S.index_put((self.index[0], self.index[1]), self.values)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x (..., in) -> x S^T (..., out); differentiable wrt the values and x."""
+        S = torch.sparse_coo_tensor(self.index, self.values.to(x.dtype), (self.out_features, self.in_features),
+                                    is_coalesced=True, check_invariants=False)
+        y = torch.sparse.mm(S, x.reshape(-1, self.in_features).t())        # (out, N)
+        return y.t().reshape(*x.shape[:-1], self.out_features).to(x.dtype)
+
+
+# -----------------------------------------------------------------------------
 # The Kronecker linear layer
 
 def factored_macs(a_shape: tuple[int, int], b_shape: tuple[int, int], k: int = 1) -> tuple[int, str]:
     """Multiply-adds per input row of the cheaper contraction order, and that order.
 
     "a_first": U = A X (m1*n1*n2), then U B^T (m1*n2*m2).
-    "b_first": V = X B^T (n1*n2*m2), then A V (m1*n1*m2)."""
+    "b_first": V = X B^T (n1*n2*m2), then A V (m1*n1*m2).
+    The backward pass mirrors the forward (dX, dA, dB each cost one of the two
+    contractions again), so forward+backward costs 3x this, like a dense layer."""
     (m1, n1), (m2, n2) = a_shape, b_shape
     a_first = m1 * n1 * n2 + m1 * n2 * m2
     b_first = n1 * n2 * m2 + m1 * n1 * m2
     return (k * a_first, "a_first") if a_first <= b_first else (k * b_first, "b_first")
+
+
+# Below this arithmetic speed-up (dense multiply-adds / factored multiply-adds) the
+# two thin GEMMs and their layout copies lose to one big GEMM on the materialised
+# weight (measured with `python bench.py --sections layer`, CPU and GPU).
+MIN_FACTORED_SPEEDUP = 1.25
+KRON_PATHS = ("materialised", "a_first", "b_first")
+
+
+def kron_path(a_shape: tuple[int, int], b_shape: tuple[int, int], k: int = 1) -> str:
+    """The forward path for a layer of this shape: static, so torch.compile sees one graph."""
+    (m1, n1), (m2, n2) = a_shape, b_shape
+    macs, order = factored_macs(a_shape, b_shape, k)
+    return order if m1 * m2 * n1 * n2 >= MIN_FACTORED_SPEEDUP * macs else "materialised"
+
+
+def kron_matmul_a_first(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
+    """x (N, n1*n2) -> (N, m1*m2) = x (sum_i A_i (x) B_i)^T as two plain GEMMs, A first.
+
+    Per row, Y = sum_i A_i X B_i^T with X = x.view(n1, n2). The k factors are
+    batched by stacking them into the GEMMs: along the output of the first and
+    along the reduction of the second (so the sum over i is free)."""
+    k, m1, n1 = A.shape
+    _, m2, n2 = B.shape
+    N = x.shape[0]
+    Xt = x.view(N, n1, n2).transpose(1, 2).reshape(N * n2, n1)          # (N*n2, n1); copy unless n2 == 1
+    U = Xt @ A.reshape(k * m1, n1).t()                                  # (N*n2, k*m1)
+    U = U.view(N, n2, k, m1).permute(0, 3, 2, 1).reshape(N * m1, k * n2)  # (N*m1, k*n2)
+    Y = U @ B.transpose(1, 2).reshape(k * n2, m2)                       # (N*m1, m2), summed over i
+    return Y.view(N, m1 * m2)
+
+
+def kron_matmul_b_first(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
+    """Same product as kron_matmul_a_first, B first: V = X B_i^T, then Y = sum_i A_i V_i."""
+    k, m1, n1 = A.shape
+    _, m2, n2 = B.shape
+    N = x.shape[0]
+    V = x.reshape(N * n1, n2) @ B.reshape(k * m2, n2).t()               # (N*n1, k*m2), no input copy
+    V = V.view(N, n1, k, m2).permute(0, 3, 2, 1).reshape(N * m2, k * n1)  # (N*m2, k*n1)
+    Yt = V @ A.transpose(1, 2).reshape(k * n1, m1)                      # (N*m2, m1), summed over i
+    return Yt.view(N, m2, m1).transpose(1, 2).reshape(N, m1 * m2)       # (N, m1*m2); free if m2 == 1
 
 
 class KronLinear(nn.Module):
@@ -144,7 +243,7 @@ class KronLinear(nn.Module):
     """
 
     def __init__(self, in_features: int, out_features: int, a_shape: tuple[int, int], k: int = 1,
-                 bias: bool = True, scalars: bool = False):
+                 bias: bool = True, scalars: bool = False, sparse: float = 0.0):
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
         self.b_shape = b_shape_for((out_features, in_features), a_shape, k)  # validates a_shape, k
@@ -154,10 +253,12 @@ class KronLinear(nn.Module):
         self.B = nn.Parameter(torch.empty(k, *self.b_shape))
         self.scalars = nn.Parameter(torch.ones(k)) if scalars else None
         self.bias = nn.Parameter(torch.zeros(out_features)) if bias else None
-        macs, self.order = factored_macs(self.a_shape, self.b_shape, k)
-        # When the factored form saves nothing (e.g. B is 1x1, or (2,1) for
-        # c_fc), one dense GEMM on the materialised weight is faster.
-        self.materialize_in_forward = macs >= in_features * out_features
+        # optional sparse residual S (seeds/003): W = sum_i s_i A_i (x) B_i + S
+        self.sparse = SparseResidual(out_features, in_features, sparse) if sparse > 0 else None
+        _, self.order = factored_macs(self.a_shape, self.b_shape, k)
+        # "a_first" | "b_first" | "materialised", fixed by the shape (see kron_path);
+        # a plain attribute so tests and benchmarks can force another path.
+        self.path = kron_path(self.a_shape, self.b_shape, k)
         nn.init.normal_(self.A, std=0.02)
         nn.init.normal_(self.B, std=0.02)
 
@@ -166,27 +267,33 @@ class KronLinear(nn.Module):
                 f"k={self.k}, scalars={self.scalars is not None}, bias={self.bias is not None}")
 
     def materialize(self) -> torch.Tensor:
-        """The dense weight sum_i s_i A_i (x) B_i, shape (out, in)."""
+        """The dense weight sum_i s_i A_i (x) B_i, shape (out, in) (the sparse residual, if any,
+        is separate: self.sparse.to_dense())."""
         return kron_sum(self.A, self.B, self.scalars)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.materialize_in_forward:
+        y = self.forward_kron(x)
+        return y if self.sparse is None else y + self.sparse(x)   # + x S^T, S kept sparse
+
+    @property
+    def materialize_in_forward(self) -> bool:
+        return self.path == "materialised"
+
+    def forward_kron(self, x: torch.Tensor) -> torch.Tensor:
+        if self.path == "materialised":
             return F.linear(x, self.materialize().to(x.dtype), self.bias)
-        (m1, n1), (m2, n2) = self.a_shape, self.b_shape
         A, B = self.A, self.B
         if self.scalars is not None:
-            B = B * self.scalars.view(-1, 1, 1)
+            B = B * self.scalars.view(-1, 1, 1)                # s_i A_i (x) B_i = A_i (x) (s_i B_i)
         A, B = A.to(x.dtype), B.to(x.dtype)
-        lead = x.shape[:-1]
-        X = x.reshape(-1, n1, n2)                              # (N, n1, n2)
-        if self.order == "a_first":
-            U = torch.einsum("kmp,npq->nkmq", A, X)            # (N, k, m1, n2)
-            Y = torch.einsum("nkmq,krq->nmr", U, B)            # (N, m1, m2)
+        x2 = x.reshape(-1, self.in_features)                    # (N, n1*n2)
+        if self.path == "a_first":
+            y = kron_matmul_a_first(x2, A, B)                   # (N, m1*m2)
         else:
-            V = torch.einsum("npq,krq->nkpr", X, B)            # (N, k, n1, m2)
-            Y = torch.einsum("kmp,nkpr->nmr", A, V)            # (N, m1, m2)
-        y = Y.reshape(*lead, m1 * m2)
-        return y + self.bias if self.bias is not None else y
+            y = kron_matmul_b_first(x2, A, B)
+        if self.bias is not None:
+            y = y + self.bias.to(y.dtype)
+        return y.view(*x.shape[:-1], self.out_features)
 
     @torch.no_grad()
     def init_from_weight(self, W: torch.Tensor, init: str = "vl-norm", svd: str = "exact") -> None:
@@ -219,13 +326,17 @@ class KronLinear(nn.Module):
                     A, B = A * alpha.sqrt(), B * alpha.sqrt()
             self.A.copy_(A)
             self.B.copy_(B)
+        if self.sparse is not None:       # S takes the largest entries of what the factors miss
+            self.sparse.init_from_residual(W.to(self.A.dtype) - self.materialize())
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, a_shape: tuple[int, int], k: int = 1,
-                    init: str = "vl-norm", scalars: bool = False, svd: str = "exact") -> "KronLinear":
-        """A KronLinear approximating `linear` (weights initialised by `init`, bias copied)."""
+                    init: str = "vl-norm", scalars: bool = False, svd: str = "exact",
+                    sparse: float = 0.0) -> "KronLinear":
+        """A KronLinear approximating `linear` (weights initialised by `init`, bias copied;
+        sparse=p adds the largest fraction p of the residual as a sparse term)."""
         layer = cls(linear.in_features, linear.out_features, a_shape, k,
-                    bias=linear.bias is not None, scalars=scalars)
+                    bias=linear.bias is not None, scalars=scalars, sparse=sparse)
         layer.to(device=linear.weight.device, dtype=linear.weight.dtype)
         layer.init_from_weight(linear.weight.detach(), init, svd)
         if linear.bias is not None:

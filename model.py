@@ -1,6 +1,7 @@
 """
 The whole GPT in one file: config, attention, block, pluggable MLP (dense or
-Kronecker-factored), weight tying, loading GPT-2 checkpoints, compression,
+Kronecker-factored; low-rank and shared-basis baselines; any linear layer chosen
+by GPTConfig.compress_targets), weight tying, loading GPT-2 checkpoints, compression,
 checkpoints and generation with a KV cache.
 
 References: GPT-2 (Radford et al. 2019), nanoGPT, Krony-PT (seeds/001).
@@ -13,6 +14,7 @@ import math
 import os
 import tempfile
 from dataclasses import asdict, dataclass, fields
+from fnmatch import fnmatchcase
 from typing import Optional
 
 import torch
@@ -20,8 +22,13 @@ import torch.nn as nn
 from torch.nn import functional as F
 
 from kronecker import INITS, KronLinear
+from lowrank import LowRankLinear, SharedBasisLinear, init_shared_group, tie_bases
 
-MLP_KINDS = ("dense", "kron")
+MLP_KINDS = ("dense", "kron", "lowrank", "shared")   # also the methods a compress target may use
+LINEAR_NAMES = ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")  # the linears of a Block
+# the per-layer options, as GPTConfig fields; a compress target may set each of them
+LINEAR_OPTIONS = ("kron_shape", "kron_factors", "kron_scalars", "kron_init", "kron_sparse",
+                  "lowrank_rank", "share_group")
 # Hugging Face names that from_pretrained downloads (everything else must be a local directory).
 HF_MODELS = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl", "distilgpt2")
 
@@ -36,12 +43,20 @@ class GPTConfig:
     dropout: float = 0.0
     bias: bool = True                 # biases in Linears and LayerNorms, as GPT-2
     layer_norm_epsilon: float = 1e-5
-    # MLP: "dense" (GPT-2) or "kron" (W = sum_i s_i A_i (x) B_i, Krony-PT)
+    # MLP: "dense" (GPT-2), "kron" (W = sum_i s_i A_i (x) B_i, Krony-PT), "lowrank" (W = U V)
+    # or "shared" (W_l = C_l B, one basis B per group of share_group consecutive layers)
     mlp: str = "dense"
     kron_shape: Optional[tuple] = None  # shape (m1, n1) of A for c_fc (4*n_embd, n_embd); c_proj uses (n1, m1)
     kron_factors: int = 1               # k
     kron_scalars: bool = False          # one trained scalar s_i per factor
     kron_init: str = "vl-norm"          # vl | vl-norm | prune | random (used when compressing dense weights)
+    kron_sparse: float = 0.0            # p: also keep the largest fraction p of W - W_hat, sparse (seeds/003)
+    lowrank_rank: Optional[int] = None  # rank r of "lowrank", basis size of "shared"
+    share_group: int = 2                # "shared": consecutive (selected) layers per basis
+    # Which linears to compress, and how (see linear_spec): a list of dicts such as
+    # {"pattern": "mlp.c_fc", "layers": "odd", "method": "kron", "kron_shape": [1536, 384]}.
+    # Empty: the paper's setup, every MLP by `mlp`, attention dense.
+    compress_targets: tuple = ()
 
     def __post_init__(self):
         if self.kron_shape is not None:
@@ -55,10 +70,21 @@ class GPTConfig:
             raise ValueError(f"unknown kron_init {self.kron_init!r}; choose one of {', '.join(INITS)}")
         if self.n_embd % self.n_head:
             raise ValueError(f"n_embd={self.n_embd} must be divisible by n_head={self.n_head}")
+        if not 0.0 <= self.kron_sparse <= 1.0:
+            raise ValueError(f"kron_sparse={self.kron_sparse} must be a fraction in [0, 1]")
+        if self.mlp in ("lowrank", "shared") and not self.lowrank_rank:
+            raise ValueError(f"mlp={self.mlp!r} needs lowrank_rank=r; `python lowrank.py plan-rank` "
+                             "gives the rank matching a Kronecker size")
+        if isinstance(self.compress_targets, str):     # from a command line: JSON
+            self.compress_targets = json.loads(self.compress_targets)
+        self.compress_targets = tuple(normalize_target(t, self) for t in self.compress_targets or ())
 
     def to_dict(self) -> dict:
         d = asdict(self)
         d["kron_shape"] = list(self.kron_shape) if self.kron_shape is not None else None
+        d["compress_targets"] = [{**t, "kron_shape": list(t["kron_shape"]) if t["kron_shape"] else None,
+                                  "layers": t["layers"] if isinstance(t["layers"], str) else list(t["layers"])}
+                                 for t in self.compress_targets]
         return d
 
     @classmethod
@@ -85,11 +111,11 @@ class KVCache:
 
 class CausalSelfAttention(nn.Module):
 
-    def __init__(self, config: GPTConfig):
+    def __init__(self, config: GPTConfig, layer: int = 0):
         super().__init__()
         self.n_head = config.n_head
-        self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)  # q, k, v
-        self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
+        self.c_attn = make_linear(config, layer, "attn.c_attn", config.n_embd, 3 * config.n_embd)  # q, k, v
+        self.c_proj = make_linear(config, layer, "attn.c_proj", config.n_embd, config.n_embd)
         self.resid_dropout = nn.Dropout(config.dropout)
         self.dropout = config.dropout
 
@@ -115,22 +141,113 @@ class CausalSelfAttention(nn.Module):
         return self.resid_dropout(self.c_proj(y))
 
 
-def make_mlp_linear(config: GPTConfig, in_features: int, out_features: int) -> nn.Module:
-    """The MLP's linear layers: dense, or Kronecker with A (m1, n1) for c_fc and (n1, m1) for c_proj."""
-    if config.mlp == "dense":
+# -----------------------------------------------------------------------------
+# Which linear layers are compressed, and how: one place decides, make_linear builds
+
+def normalize_target(t: dict, config: GPTConfig) -> dict:
+    """A compress target with every key filled in (options default to the config's fields), checked.
+
+    pattern: a glob over LINEAR_NAMES ("mlp.c_fc", "attn.*", ...); layers: "all", "odd"
+    (h.1, h.3, ..., as KnGPT-2 / TQCompressedGPT2), "even" or a list of layer indices;
+    method: one of MLP_KINDS; plus any of LINEAR_OPTIONS."""
+    if not isinstance(t, dict):
+        raise ValueError(f"a compress target is a dict like {{'pattern': 'mlp.c_fc', 'layers': 'odd', "
+                         f"'method': 'kron', 'kron_shape': [1536, 384]}}, got {t!r}")
+    unknown = set(t) - {"pattern", "layers", "method", *LINEAR_OPTIONS}
+    if unknown:
+        raise ValueError(f"unknown compress target keys {sorted(unknown)}; known: pattern, layers, method, "
+                         + ", ".join(LINEAR_OPTIONS))
+    pattern = t.get("pattern", "")
+    if not any(fnmatchcase(n, pattern) for n in LINEAR_NAMES):
+        raise ValueError(f"target pattern {pattern!r} selects none of {', '.join(LINEAR_NAMES)} (globs like 'mlp.*' work)")
+    layers = t.get("layers", "all")
+    if isinstance(layers, str):
+        if layers not in ("all", "odd", "even"):
+            raise ValueError(f"target layers {layers!r}: use 'all', 'odd', 'even' or a list of layer indices")
+    else:
+        layers = tuple(sorted(int(i) for i in layers))
+        if any(not 0 <= i < config.n_layer for i in layers):
+            raise ValueError(f"target layers {list(layers)}: indices must be in 0..{config.n_layer - 1}")
+    spec = {"pattern": pattern, "layers": layers, "method": t.get("method"),
+            **{k: t.get(k, getattr(config, k)) for k in LINEAR_OPTIONS}}
+    if spec["kron_shape"] is not None:
+        spec["kron_shape"] = tuple(int(v) for v in spec["kron_shape"])
+    if spec["method"] not in MLP_KINDS:
+        raise ValueError(f"target {pattern!r}: method {spec['method']!r}; choose one of {MLP_KINDS}")
+    if spec["method"] == "kron" and spec["kron_shape"] is None:
+        raise ValueError(f"target {pattern!r}: method 'kron' needs kron_shape (A shape for the out >= in orientation)")
+    if spec["method"] in ("lowrank", "shared") and not spec["lowrank_rank"]:
+        raise ValueError(f"target {pattern!r}: method {spec['method']!r} needs lowrank_rank")
+    if spec["kron_init"] not in INITS:
+        raise ValueError(f"target {pattern!r}: unknown kron_init {spec['kron_init']!r}; choose one of {INITS}")
+    return spec
+
+
+def selected_layers(layers, n_layer: int) -> list[int]:
+    if layers == "all":
+        return list(range(n_layer))
+    if layers in ("odd", "even"):
+        return list(range(1 if layers == "odd" else 0, n_layer, 2))
+    return list(layers)
+
+
+def linear_spec(config: GPTConfig, layer: int, name: str) -> dict:
+    """How the linear `name` (one of LINEAR_NAMES) of block `layer` is built: the first
+    compress target that selects it, else the paper's default (MLP by config.mlp, attention dense)."""
+    for t in config.compress_targets:
+        if fnmatchcase(name, t["pattern"]) and layer in selected_layers(t["layers"], config.n_layer):
+            return t
+    if name.startswith("mlp."):
+        return {"method": config.mlp, **{k: getattr(config, k) for k in LINEAR_OPTIONS}}
+    return {"method": "dense"}
+
+
+def shared_groups(config: GPTConfig) -> list[list[tuple[int, str]]]:
+    """(layer, name) groups that share one basis: the layers a "shared" spec selects for one
+    name, in order, cut into runs of share_group."""
+    members: dict[tuple, list[int]] = {}
+    for layer in range(config.n_layer):
+        for name in LINEAR_NAMES:
+            spec = linear_spec(config, layer, name)
+            if spec["method"] == "shared":
+                which = config.compress_targets.index(spec) if "pattern" in spec else -1
+                members.setdefault((name, which, spec["share_group"]), []).append(layer)
+    return [[(layer, name) for layer in layers[i:i + g]]
+            for (name, _, g), layers in members.items() for i in range(0, len(layers), g)]
+
+
+def make_linear(config: GPTConfig, layer: int, name: str, in_features: int, out_features: int) -> nn.Module:
+    """Every linear layer of a Block: dense, Kronecker, low-rank or shared-basis, as linear_spec says.
+    kron_shape is the A shape when out >= in (c_fc); the transposed matrix (c_proj) uses (n1, m1)."""
+    spec = linear_spec(config, layer, name)
+    if spec["method"] == "dense":
         return nn.Linear(in_features, out_features, bias=config.bias)
-    m1, n1 = config.kron_shape
-    a_shape = (m1, n1) if out_features > in_features else (n1, m1)
-    return KronLinear(in_features, out_features, a_shape, config.kron_factors,
-                      bias=config.bias, scalars=config.kron_scalars)
+    if spec["method"] == "kron":
+        m1, n1 = spec["kron_shape"]
+        a_shape = (m1, n1) if out_features >= in_features else (n1, m1)
+        return KronLinear(in_features, out_features, a_shape, spec["kron_factors"], bias=config.bias,
+                          scalars=spec["kron_scalars"], sparse=spec["kron_sparse"])
+    if spec["method"] == "lowrank":
+        return LowRankLinear(in_features, out_features, spec["lowrank_rank"], bias=config.bias)
+    return SharedBasisLinear(in_features, out_features, spec["lowrank_rank"], bias=config.bias)  # tied in GPT
+
+
+def dense_weight(layer: nn.Module) -> torch.Tensor:
+    """The (out, in) weight any layer make_linear builds applies: factors multiplied out,
+    plus a Kronecker layer's sparse residual (for reports and exports; forward never does this)."""
+    if isinstance(layer, nn.Linear):
+        return layer.weight
+    W = layer.materialize()
+    sparse = getattr(layer, "sparse", None)
+    return W if sparse is None else W + sparse.to_dense().to(W.dtype)
 
 
 class MLP(nn.Module):
 
-    def __init__(self, config: GPTConfig):
+    def __init__(self, config: GPTConfig, layer: int = 0):
         super().__init__()
-        self.c_fc = make_mlp_linear(config, config.n_embd, 4 * config.n_embd)
-        self.c_proj = make_mlp_linear(config, 4 * config.n_embd, config.n_embd)
+        self.c_fc = make_linear(config, layer, "mlp.c_fc", config.n_embd, 4 * config.n_embd)
+        self.c_proj = make_linear(config, layer, "mlp.c_proj", 4 * config.n_embd, config.n_embd)
         self.dropout = nn.Dropout(config.dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -140,12 +257,12 @@ class MLP(nn.Module):
 
 class Block(nn.Module):
 
-    def __init__(self, config: GPTConfig):
+    def __init__(self, config: GPTConfig, layer: int = 0):
         super().__init__()
         self.ln_1 = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon, bias=config.bias)
-        self.attn = CausalSelfAttention(config)
+        self.attn = CausalSelfAttention(config, layer)
         self.ln_2 = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon, bias=config.bias)
-        self.mlp = MLP(config)
+        self.mlp = MLP(config, layer)
 
     def forward(self, x: torch.Tensor, cache: KVCache | None = None, layer: int = 0) -> torch.Tensor:
         x = x + self.attn(self.ln_1(x), cache, layer)
@@ -161,11 +278,13 @@ class GPT(nn.Module):
             wte=nn.Embedding(config.vocab_size, config.n_embd),
             wpe=nn.Embedding(config.block_size, config.n_embd),
             drop=nn.Dropout(config.dropout),
-            h=nn.ModuleList([Block(config) for _ in range(config.n_layer)]),
+            h=nn.ModuleList([Block(config, i) for i in range(config.n_layer)]),
             ln_f=nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon, bias=config.bias),
         ))
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         self.transformer.wte.weight = self.lm_head.weight  # weight tying: one tensor
+        for group in shared_groups(config):  # cross-layer basis sharing: one basis tensor per group, likewise
+            tie_bases([self.transformer.h[layer].get_submodule(name) for layer, name in group])
         self.apply(self._init_weights)
         # GPT-2: scale the residual projections by 1/sqrt(2 * n_layer)
         for name, p in self.named_parameters():
@@ -284,6 +403,8 @@ class GPT(nn.Module):
     def load_checkpoint_weights(self, ckpt: dict, source: str = "checkpoint") -> None:
         """Load ckpt['model'] after checking that it was saved with this model's config."""
         saved = ckpt.get("model_config")
+        if saved is not None:  # normalised, so fields added since it was saved take their defaults
+            saved = GPTConfig.from_dict(saved).to_dict()
         mine = self.config.to_dict()
         arch = lambda d: {k: v for k, v in d.items() if k not in ("dropout", "kron_init")}
         if saved is not None and arch(saved) != arch(mine):
@@ -361,36 +482,59 @@ def sample_next(logits: torch.Tensor, temperature: float = 1.0, top_k: int | Non
 @dataclass
 class LayerReport:
     layer: int
-    name: str               # "c_fc" or "c_proj"
-    rel_error: float        # ||W - W_hat||_F / ||W||_F
+    name: str               # "mlp.c_fc", "mlp.c_proj", "attn.c_proj", ...
+    rel_error: float        # ||W - W_hat||_F / ||W||_F  (W_hat includes a sparse residual)
     retained_norm: float    # 100 * ||W_hat||_F / ||W||_F
 
 
-def compress(model: GPT, mlp: str = "kron", kron_shape: tuple | None = None, kron_factors: int = 1,
-             kron_scalars: bool = False, kron_init: str = "vl-norm", svd: str = "exact",
-             verbose: bool = False) -> tuple[GPT, list[LayerReport]]:
-    """A new GPT whose MLP weights are Kronecker factors initialised from `model`'s
-    dense weights (attention, embeddings, LayerNorms and MLP biases copied).
-    Returns the model and a per-layer report (paper Table 4 view)."""
-    if any(not isinstance(m, nn.Linear) for b in model.transformer.h for m in (b.mlp.c_fc, b.mlp.c_proj)):
-        raise ValueError("compress() needs a model with dense MLPs (load the dense GPT-2 first)")
+def compress(model: GPT, mlp: str | None = None, kron_shape: tuple | None = None, kron_factors: int = 1,
+             kron_scalars: bool = False, kron_init: str = "vl-norm", kron_sparse: float = 0.0,
+             lowrank_rank: int | None = None, share_group: int = 2, compress_targets=(),
+             svd: str = "exact", verbose: bool = False) -> tuple[GPT, list[LayerReport]]:
+    """A new GPT whose selected linear layers (every MLP by `mlp`, or what compress_targets
+    select) are initialised from `model`'s dense weights; everything else (embeddings,
+    LayerNorms, biases, untouched linears) is copied bit-identically. mlp defaults to
+    "kron", or "dense" when compress_targets are given. Returns the model and a
+    per-layer report (paper Table 4 view)."""
+    if mlp is None:
+        mlp = "dense" if compress_targets else "kron"
     config = GPTConfig(**{**asdict(model.config), "mlp": mlp, "kron_shape": kron_shape,
-                          "kron_factors": kron_factors, "kron_scalars": kron_scalars, "kron_init": kron_init})
+                          "kron_factors": kron_factors, "kron_scalars": kron_scalars, "kron_init": kron_init,
+                          "kron_sparse": kron_sparse, "lowrank_rank": lowrank_rank, "share_group": share_group,
+                          "compress_targets": compress_targets})
     new = GPT(config).to(model.lm_head.weight.device)
-    # Copy everything that is not an MLP weight; the MLP weights become factors below.
-    sd = {k: v for k, v in model.state_dict().items() if ".mlp.c_" not in k or k.endswith(".bias")}
-    missing, unexpected = new.load_state_dict(sd, strict=False)
-    assert not unexpected and all(".mlp.c_" in k for k in missing), (missing, unexpected)
-    report = []
-    if mlp != "dense":
+    # Copy every tensor the two models share by name and shape; what is left are the compressed layers.
+    new_sd = new.state_dict()
+    sd = {k: v for k, v in model.state_dict().items() if k in new_sd and v.shape == new_sd[k].shape}
+    missing, _ = new.load_state_dict(sd, strict=False)
+    report, groups = [], {}
+    for i, (old, blk) in enumerate(zip(model.transformer.h, new.transformer.h)):
+        for name in LINEAR_NAMES:
+            dense, layer = old.get_submodule(name), blk.get_submodule(name)
+            if isinstance(layer, nn.Linear):
+                continue
+            if not isinstance(dense, nn.Linear):
+                raise ValueError(f"compress() needs h.{i}.{name} dense in the source model, found "
+                                 f"{type(dense).__name__} (load the dense GPT-2 first)")
+            W = dense.weight.detach()
+            if isinstance(layer, KronLinear):
+                layer.init_from_weight(W, linear_spec(config, i, name)["kron_init"], svd)
+            elif isinstance(layer, LowRankLinear):
+                layer.init_from_weight(W)
+            else:                              # shared basis: one SVD per group, below
+                groups.setdefault(id(layer.basis), []).append((layer, W))
+    for members in groups.values():
+        init_shared_group([m for m, _ in members], [w for _, w in members])
+    assert all(not isinstance(new.get_submodule(k.rsplit(".", 1)[0]), nn.Linear) for k in missing), missing
+    with torch.no_grad():
         for i, (old, blk) in enumerate(zip(model.transformer.h, new.transformer.h)):
-            for name in ("c_fc", "c_proj"):
-                dense, kron = getattr(old.mlp, name), getattr(blk.mlp, name)
-                kron.init_from_weight(dense.weight.detach(), kron_init, svd)
-                with torch.no_grad():
-                    W, W_hat = dense.weight.float(), kron.materialize().float()
-                    report.append(LayerReport(i, name, ((W - W_hat).norm() / W.norm()).item(),
-                                              100 * (W_hat.norm() / W.norm()).item()))
+            for name in LINEAR_NAMES:
+                layer = blk.get_submodule(name)
+                if isinstance(layer, nn.Linear):
+                    continue
+                W, W_hat = old.get_submodule(name).weight.float(), dense_weight(layer).float()
+                report.append(LayerReport(i, name, ((W - W_hat).norm() / W.norm()).item(),
+                                          100 * (W_hat.norm() / W.norm()).item()))
     if verbose:
         print(format_report(report))
     return new, report

@@ -10,6 +10,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 SHARED = os.path.join(os.path.dirname(ROOT), "shared")
 TIKTOKEN_CACHE = os.environ.get("TIKTOKEN_CACHE_DIR") or os.path.join(SHARED, "tiktoken_cache")
+# Tiny models gain nothing from intra-op threads; on a busy 2-core machine they make tests far slower.
+torch.set_num_threads(1)
 
 
 def make_tiny_hf(directory, n_layer=2, n_embd=32, n_head=2, n_positions=64, vocab_size=50257,

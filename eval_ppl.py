@@ -1,0 +1,408 @@
+"""
+Perplexity of GPT-2 style models on WikiText-103, WikiText-2 and LAMBADA (and
+any local text file), plus LAMBADA last-word accuracy, with one harness for
+our checkpoints and for Hugging Face baselines.
+
+    python eval_ppl.py --model gpt2 --model distilgpt2 --model out/krony81/ckpt_best.pt \
+        --datasets wikitext-103,wikitext-2,lambada --protocol paper --out results.json
+
+Two protocols (see README, "Evaluation"):
+
+- paper: the Krony-PT code. The test split's rows are joined with "\\n\\n" and
+  tokenised with GPT-2 BPE; the stream is cut into windows of `context`
+  (1024) tokens with stride `context`; each window predicts its own tokens
+  2..L from the tokens before them in the same window (the first token of a
+  window has no context and is not scored); ppl = exp(mean over windows of
+  the window's mean loss). The last, shorter window is scored like the others
+  and weighs as much as a full window in the mean (as the paper's loop does);
+  a last window of a single token has nothing to predict and is dropped.
+- sliding: windows of `context` tokens every `stride` (512) tokens; each
+  window scores only the tokens that no earlier window scored, so every token
+  but the first is scored exactly once with up to context-1 tokens of history;
+  ppl = exp(total loss / number of scored tokens).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+from contextlib import nullcontext
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+# name -> (hub dataset, config, split)
+DATASETS = {
+    "wikitext-103": ("Salesforce/wikitext", "wikitext-103-v1", "test"),
+    "wikitext-2": ("Salesforce/wikitext", "wikitext-2-v1", "test"),
+    "wikitext-103-raw": ("Salesforce/wikitext", "wikitext-103-raw-v1", "test"),
+    "wikitext-2-raw": ("Salesforce/wikitext", "wikitext-2-raw-v1", "test"),
+    "lambada": ("cimec/lambada", None, "test"),
+    "lambada_openai": ("EleutherAI/lambada_openai", "default", "test"),   # "default" = English
+}
+PROTOCOLS = ("paper", "sliding")
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def is_lambada(dataset: str) -> bool:
+    return dataset.startswith("lambada") or dataset.endswith(".jsonl")
+
+
+# -----------------------------------------------------------------------------
+# Data
+
+def load_rows(dataset: str, split: str | None = None) -> list[str]:
+    """The rows of a hub dataset's split, as `datasets` stores them."""
+    if dataset not in DATASETS:
+        raise ValueError(f"unknown dataset {dataset!r}; choose from {', '.join(DATASETS)} "
+                         "or evaluate a local file with --data-file PATH")
+    path, config, default_split = DATASETS[dataset]
+    split = split or default_split
+    from datasets import load_dataset
+    try:
+        ds = load_dataset(path, config, split=split)
+    except Exception as first:  # script-based copies, renamed repos, offline, ...
+        print(f"loading {path} ({config}) failed ({type(first).__name__}: {first}); "
+              "retrying with revision='refs/convert/parquet'", file=sys.stderr)
+        try:
+            ds = load_dataset(path, config, split=split, revision="refs/convert/parquet")
+        except Exception as second:
+            raise RuntimeError(
+                f"could not load {dataset!r} ({path}, config {config}, split {split}) from the Hugging Face "
+                f"hub, nor its refs/convert/parquet revision ({type(second).__name__}: {second}). Offline? "
+                f"Evaluate a local copy instead with --data-file PATH (a text file with one dataset row per "
+                f"line, or a .jsonl file with a 'text' field per row).") from second
+    return list(ds["text"])
+
+
+def read_data_file(path: str) -> list[str]:
+    """Rows of a local file, in the form the hub's datasets store them.
+
+    .jsonl: the "text" field of each line. Any other file: one row per line,
+    as WikiText stores them: a non-blank line keeps its trailing "\\n", a blank
+    line is the empty string. So a WikiText split written one row per line
+    gives the same joined text, tokens and perplexity as the hub's copy."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"--data-file {path}: no such file")
+    with open(path, encoding="utf-8", newline="") as f:
+        text = f.read()
+    if not text.strip():
+        raise ValueError(f"--data-file {path} is empty: there is nothing to evaluate")
+    lines = text.split("\n")
+    if text.endswith("\n"):
+        lines = lines[:-1]          # the file's final newline ends the last row, it is no extra row
+    lines = [line.rstrip("\r") for line in lines]
+    if path.endswith(".jsonl"):
+        rows = []
+        for i, line in enumerate(lines, 1):
+            if not line.strip():
+                continue
+            try:
+                rows.append(json.loads(line)["text"])
+            except (json.JSONDecodeError, KeyError, TypeError) as e:
+                raise ValueError(f"{path}:{i}: a .jsonl data file needs one JSON object with a "
+                                 f"'text' field per line ({type(e).__name__}: {e})") from e
+        return rows
+    return [line + "\n" if line.strip() else "" for line in lines]
+
+
+def get_encoder():
+    import tiktoken
+    return tiktoken.get_encoding("gpt2")
+
+
+def tokenize_joined(rows: list[str], enc) -> list[int]:
+    """The paper's stream: rows joined with a blank line, GPT-2 BPE."""
+    return enc.encode_ordinary("\n\n".join(rows))
+
+
+# -----------------------------------------------------------------------------
+# Windows and perplexity
+
+@dataclass
+class Window:
+    begin: int      # tokens[begin:end] is the window
+    end: int
+    n_score: int    # score the last n_score of its end-begin-1 predictions
+
+
+def make_windows(n_tokens: int, context: int, protocol: str, stride: int | None = None) -> list[Window]:
+    """The windows of a protocol over a stream of n_tokens tokens."""
+    if protocol not in PROTOCOLS:
+        raise ValueError(f"unknown protocol {protocol!r}; choose one of {PROTOCOLS}")
+    if context < 2:
+        raise ValueError(f"context length must be at least 2 tokens, got {context}")
+    if protocol == "paper":
+        windows = [Window(b, min(b + context, n_tokens), min(b + context, n_tokens) - b - 1)
+                   for b in range(0, n_tokens, context)]
+        return [w for w in windows if w.n_score > 0]    # a 1-token tail has nothing to predict
+    stride = stride or context // 2
+    if not 1 <= stride < context:
+        # a window's first token has no context in it, so a stride of `context` would skip tokens
+        raise ValueError(f"--stride must be at least 1 and below the context length {context}, got {stride}")
+    windows, prev_end = [], 0
+    for begin in range(0, n_tokens, stride):
+        end = min(begin + context, n_tokens)
+        # new targets are tokens prev_end..end-1; token `begin` itself has no context in this window
+        n_score = min(end - prev_end, end - begin - 1)
+        if n_score > 0:
+            windows.append(Window(begin, end, n_score))
+        prev_end = end
+        if end == n_tokens:
+            break
+    return windows
+
+
+def autocast_for(device: str, dtype: torch.dtype):
+    if dtype == torch.float32:
+        return nullcontext()
+    return torch.autocast(device_type=torch.device(device).type, dtype=dtype)
+
+
+@torch.no_grad()
+def window_losses(model, tokens: list[int], windows: list[Window], batch_size: int = 8,
+                  device: str = "cpu", dtype: torch.dtype = torch.float32,
+                  desc: str = "windows") -> list[tuple[float, int]]:
+    """(sum of scored token losses, number scored) per window, in order.
+
+    Windows of equal length are batched together; losses are float32."""
+    data = torch.tensor(tokens, dtype=torch.long)
+    out: list[tuple[float, int] | None] = [None] * len(windows)
+    by_length: dict[int, list[int]] = {}
+    for i, w in enumerate(windows):
+        by_length.setdefault(w.end - w.begin, []).append(i)
+    batches = [ids[j:j + batch_size] for ids in by_length.values() for j in range(0, len(ids), batch_size)]
+    for ids in tqdm(batches, desc=desc, unit="batch", leave=False, disable=len(batches) < 2):
+        x = torch.stack([data[windows[i].begin:windows[i].end - 1] for i in ids]).to(device)  # (B, L-1)
+        y = torch.stack([data[windows[i].begin + 1:windows[i].end] for i in ids]).to(device)  # (B, L-1)
+        with autocast_for(device, dtype):
+            logits, _ = model(x)
+        nll = F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), reduction="none").view(y.shape)  # (B, L-1)
+        for row, i in enumerate(ids):
+            n = windows[i].n_score
+            out[i] = (nll[row, -n:].sum().item(), n)
+    return out
+
+
+def perplexity(model, tokens: list[int], protocol: str = "paper", context: int | None = None,
+               stride: int | None = None, batch_size: int = 8, device: str = "cpu",
+               dtype: torch.dtype = torch.float32, desc: str = "windows") -> dict:
+    """Perplexity of `tokens` under a protocol. Returns ppl, scored tokens, windows, context, stride."""
+    context = context or model.config.block_size
+    if context > model.config.block_size:
+        raise ValueError(f"context length {context} is longer than the model's block_size "
+                         f"{model.config.block_size}")
+    if len(tokens) < 2:
+        raise ValueError(f"the text has {len(tokens)} token(s); perplexity needs at least 2")
+    stride = context if protocol == "paper" else (stride or context // 2)
+    windows = make_windows(len(tokens), context, protocol, stride)
+    losses = window_losses(model, tokens, windows, batch_size, device, dtype, desc)
+    scored = sum(n for _, n in losses)
+    if protocol == "paper":
+        mean_nll = sum(s / n for s, n in losses) / len(losses)     # mean of the windows' means
+    else:
+        mean_nll = sum(s for s, _ in losses) / scored               # token-weighted
+    return {"ppl": math.exp(mean_nll), "nll": mean_nll, "tokens": scored, "windows": len(windows),
+            "context_length": context, "stride": stride}
+
+
+# -----------------------------------------------------------------------------
+# LAMBADA last-word accuracy
+
+def split_last_word(text: str) -> tuple[str, str] | None:
+    """(context, " word"): the word is the text after the last space. None if there is no space."""
+    text = text.rstrip()
+    cut = text.rfind(" ")
+    if cut <= 0:
+        return None
+    return text[:cut], text[cut:]
+
+
+@torch.no_grad()
+def lambada_accuracy(model, texts: list[str], enc, batch_size: int = 8, device: str = "cpu",
+                     dtype: torch.dtype = torch.float32, desc: str = "lambada") -> dict:
+    """Last-word accuracy: an example is right when every token of the final word
+    is the greedy (argmax) prediction given the passage before it (and the
+    word's earlier tokens). Also the per-word perplexity exp(mean word NLL).
+
+    Context and word are tokenised separately (" word" with its space), and the
+    context is cut from the left to fit the block size."""
+    examples = []
+    for t in texts:
+        parts = split_last_word(t)
+        if parts is not None:
+            ctx, word = (enc.encode_ordinary(p) for p in parts)
+            if ctx and word:
+                examples.append((ctx, word))
+    if not examples:
+        raise ValueError("no LAMBADA example with a context and a final word (text after the last space)")
+    block = model.config.block_size
+    correct, word_nll = 0, 0.0
+    batches = [examples[j:j + batch_size] for j in range(0, len(examples), batch_size)]
+    for batch in tqdm(batches, desc=desc, unit="batch", leave=False, disable=len(batches) < 2):
+        seqs = [(ctx + word)[:-1][-block:] for ctx, word in batch]   # inputs; targets are their shifts
+        T = max(len(s) for s in seqs)
+        # right padding: causal attention keeps the real positions unaffected by the pad
+        x = torch.zeros(len(seqs), T, dtype=torch.long)
+        for row, s in enumerate(seqs):
+            x[row, :len(s)] = torch.tensor(s)
+        with autocast_for(device, dtype):
+            logits, _ = model(x.to(device))
+        logits = logits.float()
+        for row, ((_, word), s) in enumerate(zip(batch, seqs)):
+            n = len(word)
+            pred = logits[row, len(s) - n:len(s)]                    # (n, vocab): predictions of the word
+            target = torch.tensor(word, device=pred.device)
+            correct += int(torch.equal(pred.argmax(-1), target))
+            word_nll += F.cross_entropy(pred, target, reduction="sum").item()
+    return {"accuracy": correct / len(examples), "examples": len(examples), "correct": correct,
+            "last_word_ppl": math.exp(word_nll / len(examples))}
+
+
+# -----------------------------------------------------------------------------
+# Driver
+
+def resolve_device(device: str) -> str:
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError("--device cuda asked for, but torch sees no CUDA device; use --device cpu")
+    return device
+
+
+def resolve_dtype(dtype: str, device: str) -> torch.dtype:
+    if dtype == "auto":
+        if device.startswith("cuda") and torch.cuda.is_bf16_supported():
+            return torch.bfloat16
+        return torch.float32
+    return DTYPES[dtype]
+
+
+def load_model(spec: str, device: str = "cpu"):
+    from model import GPT
+    model = GPT.load(spec)
+    return model.to(device).eval()
+
+
+def evaluate(model, model_name: str, dataset: str, rows: list[str], enc, protocol: str = "paper",
+             context: int | None = None, stride: int | None = None, batch_size: int = 8,
+             device: str = "cpu", dtype: torch.dtype = torch.float32, limit_tokens: int | None = None) -> dict:
+    """One result record: perplexity (and LAMBADA accuracy) of one model on one dataset's rows."""
+    tokens = tokenize_joined(rows, enc)
+    if limit_tokens:
+        tokens = tokens[:limit_tokens]
+    res = perplexity(model, tokens, protocol, context, stride, batch_size, device, dtype,
+                     desc=f"{os.path.basename(model_name.rstrip('/'))} {os.path.basename(dataset)}")
+    record = {"model": model_name, "dataset": dataset, "protocol": protocol, "tokens": res["tokens"],
+              "ppl": res["ppl"], "nll": res["nll"], "windows": res["windows"],
+              "context_length": res["context_length"], "stride": res["stride"],
+              "num_params": model.num_params(), "num_params_no_wpe": model.num_params(include_wpe=False),
+              "dtype": str(dtype).replace("torch.", "")}
+    if is_lambada(dataset):
+        texts = rows
+        if limit_tokens:   # the passages whose tokens fit in the limit (at least one)
+            texts, used = [], 0
+            for t in rows:
+                used += len(enc.encode_ordinary(t))
+                if texts and used > limit_tokens:
+                    break
+                texts.append(t)
+        record.update(lambada_accuracy(model, texts, enc, batch_size, device, dtype))
+    return record
+
+
+def markdown_table(records: list[dict]) -> str:
+    lines = ["| model | params | dataset | protocol | context | stride | tokens scored | ppl | LAMBADA acc |",
+             "| --- | ---: | --- | --- | ---: | ---: | ---: | ---: | ---: |"]
+    for r in records:
+        acc = f"{100 * r['accuracy']:.2f}%" if "accuracy" in r else ""
+        lines.append(f"| {r['model']} | {r['num_params'] / 1e6:.1f}M | {r['dataset']} | {r['protocol']} | "
+                     f"{r['context_length']} | {r['stride']} | {r['tokens']:,} | {r['ppl']:.2f} | {acc} |")
+    return "\n".join(lines)
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        description="Perplexity (and LAMBADA last-word accuracy) of GPT-2 style models.",
+        epilog="Protocols: 'paper' = windows of --block-size tokens, stride = block size, "
+               "ppl = exp(mean of window means) (the Krony-PT numbers); 'sliding' = windows every "
+               "--stride tokens, only new tokens scored, token-weighted mean (lower, fairer).")
+    p.add_argument("--model", action="append", required=True,
+                   help="checkpoint file (.pt), run directory, local Hugging Face directory or hub name "
+                        "(gpt2, distilgpt2, ...); repeat for a comparison table")
+    p.add_argument("--datasets", default=None,
+                   help=f"comma-separated, from: {', '.join(DATASETS)} (default wikitext-103,wikitext-2,lambada "
+                        "unless --data-file is given)")
+    p.add_argument("--data-file", action="append", default=[],
+                   help="local text file, one dataset row per line (WikiText's format), or .jsonl with a "
+                        "'text' field per row (LAMBADA's format; last-word accuracy is reported too); repeatable")
+    p.add_argument("--split", default=None, help="dataset split (default: test)")
+    p.add_argument("--protocol", choices=PROTOCOLS, default="paper",
+                   help="paper (default: the published numbers' protocol) or sliding")
+    p.add_argument("--stride", type=int, default=None,
+                   help="stride of --protocol sliding (default: half the context, 512 for GPT-2)")
+    p.add_argument("--block-size", type=int, default=None,
+                   help="context length in tokens (default: the model's block size, 1024 for GPT-2)")
+    p.add_argument("--batch-size", type=int, default=8, help="windows per forward pass")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+    p.add_argument("--dtype", default="auto", choices=["auto", *DTYPES],
+                   help="auto = bfloat16 autocast on a CUDA GPU that supports it, else float32")
+    p.add_argument("--limit-tokens", type=int, default=None,
+                   help="evaluate only the first N tokens of each dataset (quick runs; not comparable)")
+    p.add_argument("--out", default=None, help="write the records as a JSON list here")
+    args = p.parse_args(argv)
+    if args.batch_size < 1:
+        p.error("--batch-size must be >= 1")
+    if args.limit_tokens is not None and args.limit_tokens < 2:
+        p.error("--limit-tokens must be >= 2")
+    if args.datasets is None:
+        args.datasets = "" if args.data_file else "wikitext-103,wikitext-2,lambada"
+    args.datasets = [d.strip() for d in args.datasets.split(",") if d.strip()]
+    return args
+
+
+def main(argv=None) -> list[dict]:
+    args = parse_args(argv)
+    for d in args.datasets:     # fail before loading anything
+        if d not in DATASETS:
+            raise ValueError(f"unknown dataset {d!r}; choose from {', '.join(DATASETS)} "
+                             "or evaluate a local file with --data-file PATH")
+    for spec in args.model:     # a mistyped path should not wait for the datasets to download
+        looks_like_path = os.sep in spec or spec.endswith(".pt") or spec.startswith(".")
+        if looks_like_path and not os.path.exists(spec):
+            raise FileNotFoundError(f"no such directory or checkpoint: {spec}")
+    device = resolve_device(args.device)
+    dtype = resolve_dtype(args.dtype, device)
+    enc = get_encoder()
+    data = [(path, read_data_file(path)) for path in args.data_file]
+    data += [(d, load_rows(d, args.split)) for d in args.datasets]
+    records = []
+    for spec in args.model:
+        model = load_model(spec, device)
+        for name, rows in data:
+            r = evaluate(model, spec, name, rows, enc, args.protocol, args.block_size, args.stride,
+                         args.batch_size, device, dtype, args.limit_tokens)
+            records.append(r)
+            acc = f", last-word accuracy {100 * r['accuracy']:.2f}% of {r['examples']}" if "accuracy" in r else ""
+            print(f"{spec} on {name}: ppl {r['ppl']:.3f} ({r['protocol']} protocol, {r['tokens']:,} tokens "
+                  f"scored, context {r['context_length']}, stride {r['stride']}){acc}", file=sys.stderr)
+        del model
+    print(markdown_table(records))
+    if args.out:
+        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+        with open(args.out, "w") as f:
+            json.dump(records, f, indent=2)
+        print(f"wrote {len(records)} records to {args.out}", file=sys.stderr)
+    return records
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except (ValueError, FileNotFoundError, RuntimeError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)

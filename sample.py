@@ -1,0 +1,115 @@
+"""
+Generate text from one of our checkpoints or a Hugging Face GPT-2.
+
+    python sample.py --model gpt2 --prompt "The meaning of life is" --num-samples 3
+    python sample.py --model out/krony81 --prompt-file prompt.txt --temperature 0.8 --top-p 0.95
+    python sample.py --model distilgpt2 --interactive
+
+Generation keeps a KV cache (GPT.generate), so each new token costs one
+position; past the block size the context slides. --temperature 0 is greedy.
+Tokens per second are printed to stderr at the end.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+import torch
+
+from eval_ppl import get_encoder, load_model, resolve_device, resolve_dtype, DTYPES
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description="Sample text from a GPT-2 style model (KV-cached generation).")
+    p.add_argument("--model", required=True,
+                   help="checkpoint file (.pt), run directory, local Hugging Face directory or hub name")
+    p.add_argument("--prompt", default="\n", help="text to continue (default: a newline)")
+    p.add_argument("--prompt-file", default=None, help="read the prompt from this file instead")
+    p.add_argument("--interactive", action="store_true", help="a prompt loop: type a prompt, get samples")
+    p.add_argument("--num-samples", type=int, default=1)
+    p.add_argument("--max-new-tokens", type=int, default=200)
+    p.add_argument("--temperature", type=float, default=1.0, help="0 = greedy")
+    p.add_argument("--top-k", type=int, default=None, help="keep only the k most likely tokens")
+    p.add_argument("--top-p", type=float, default=None, help="nucleus sampling: smallest set with mass >= p")
+    p.add_argument("--seed", type=int, default=1337)
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+    p.add_argument("--dtype", default="auto", choices=["auto", *DTYPES],
+                   help="auto = bfloat16 autocast on a CUDA GPU that supports it, else float32")
+    p.add_argument("--no-cache", action="store_true", help="recompute the whole context for every token")
+    args = p.parse_args(argv)
+    if args.temperature < 0:
+        p.error("--temperature must be >= 0")
+    if args.top_p is not None and not 0 < args.top_p <= 1:
+        p.error("--top-p must be in (0, 1]")
+    if args.top_k is not None and args.top_k < 1:
+        p.error("--top-k must be >= 1")
+    return args
+
+
+def sample(model, enc, prompt: str, num_samples: int = 1, max_new_tokens: int = 200,
+           temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
+           device: str = "cpu", use_cache: bool = True,
+           generator: torch.Generator | None = None) -> tuple[list[str], int, float]:
+    """num_samples continuations of prompt; returns (texts, new tokens generated, seconds)."""
+    ids = enc.encode_ordinary(prompt) or [enc.eot_token]   # an empty prompt starts a document
+    idx = torch.tensor([ids] * num_samples, dtype=torch.long, device=device)  # (num_samples, T)
+    start = time.perf_counter()
+    out = model.generate(idx, max_new_tokens, temperature, top_k, top_p, use_cache=use_cache,
+                         generator=generator)
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+    seconds = time.perf_counter() - start
+    texts = [enc.decode(row[len(ids):].tolist()) for row in out]
+    return texts, num_samples * max_new_tokens, seconds
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    device = resolve_device(args.device)
+    dtype = resolve_dtype(args.dtype, device)
+    # the weights themselves in dtype (not autocast): the KV cache then has the same dtype
+    model = load_model(args.model, device).to(dtype)
+    enc = get_encoder()
+    generator = torch.Generator(device=device).manual_seed(args.seed)
+    prompt = args.prompt
+    if args.prompt_file:
+        with open(args.prompt_file, encoding="utf-8") as f:
+            prompt = f.read()
+    total_tokens, total_seconds = 0, 0.0
+
+    def run(text: str) -> None:
+        nonlocal total_tokens, total_seconds
+        texts, n, s = sample(model, enc, text, args.num_samples, args.max_new_tokens, args.temperature,
+                             args.top_k, args.top_p, device, not args.no_cache, generator)
+        total_tokens, total_seconds = total_tokens + n, total_seconds + s
+        for t in texts:
+            print(text + t)
+            print("-" * 40)
+
+    if args.interactive:
+        print("Type a prompt and press Enter (empty line or Ctrl-D to quit).", file=sys.stderr)
+        while True:
+            try:
+                text = input("> ")
+            except EOFError:
+                break
+            if not text.strip():
+                break
+            run(text)
+    else:
+        run(prompt)
+    if total_seconds > 0:
+        print(f"{total_tokens} tokens in {total_seconds:.2f} s: {total_tokens / total_seconds:.1f} tokens/s "
+              f"({'KV cache' if not args.no_cache else 'no cache'}, {device}, {str(dtype).replace('torch.', '')})",
+              file=sys.stderr)
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except (ValueError, FileNotFoundError, RuntimeError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        sys.exit(130)

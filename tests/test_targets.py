@@ -1,0 +1,114 @@
+"""Choosing which linear layers to compress, and how (GPTConfig.compress_targets)."""
+import pytest
+import torch
+import torch.nn as nn
+
+from conftest import make_tiny_hf
+from kronecker import KronLinear
+from lowrank import LowRankLinear, SharedBasisLinear, main as lowrank_main, size_report
+from model import GPT, GPTConfig, LINEAR_NAMES, compress
+
+
+@pytest.fixture(scope="module")
+def dense12(tmp_path_factory):
+    d = str(tmp_path_factory.mktemp("tiny12"))
+    make_tiny_hf(d, n_layer=12, n_embd=32, n_head=2, n_positions=32, vocab_size=256)
+    return GPT.from_pretrained(d).eval()
+
+
+def compressed_names(model):
+    return [(i, n) for i, b in enumerate(model.transformer.h) for n in LINEAR_NAMES
+            if not isinstance(b.get_submodule(n), nn.Linear)]
+
+
+def test_odd_layers_only_leaves_even_layers_bit_identical(dense12):
+    targets = [{"pattern": "mlp.*", "layers": "odd", "method": "kron", "kron_shape": [16, 8]}]
+    model, report = compress(dense12, compress_targets=targets)
+    assert compressed_names(model) == [(i, n) for i in range(1, 12, 2) for n in ("mlp.c_fc", "mlp.c_proj")]
+    assert len(report) == 12 and {r.layer for r in report} == set(range(1, 12, 2))
+    dsd, csd = dense12.state_dict(), model.state_dict()
+    for name, t in dsd.items():
+        layer = int(name.split(".")[2]) if name.startswith("transformer.h.") else None
+        if layer is not None and layer % 2 == 1 and ".mlp.c_" in name and name.endswith("weight"):
+            assert name not in csd                          # replaced by Kronecker factors
+        else:
+            assert torch.equal(t, csd[name]), name          # untouched: bit-identical
+    assert isinstance(model.transformer.h[3].mlp.c_proj, KronLinear)
+    assert model.transformer.h[3].mlp.c_proj.a_shape == (8, 16)   # c_proj uses A transposed
+
+
+def test_attn_c_proj_compresses_exactly_the_12_attention_projections(dense12):
+    targets = [{"pattern": "attn.c_proj", "layers": "all", "method": "lowrank", "lowrank_rank": 8}]
+    model, _ = compress(dense12, compress_targets=targets)
+    assert compressed_names(model) == [(i, "attn.c_proj") for i in range(12)]
+    assert all(isinstance(b.attn.c_proj, LowRankLinear) for b in model.transformer.h)
+    for b_old, b_new in zip(dense12.transformer.h, model.transformer.h):
+        for n in ("attn.c_attn", "mlp.c_fc", "mlp.c_proj"):
+            assert torch.equal(b_old.get_submodule(n).weight, b_new.get_submodule(n).weight)
+    d = 32
+    assert dense12.num_params() - model.num_params() == 12 * (d * d - 8 * 2 * d)
+
+
+def test_mixed_targets_first_match_wins_and_round_trip(dense12, tmp_path):
+    targets = [
+        {"pattern": "mlp.c_fc", "layers": [0, 2], "method": "lowrank", "lowrank_rank": 8},
+        {"pattern": "mlp.*", "layers": "even", "method": "shared", "lowrank_rank": 8, "share_group": 3},
+        {"pattern": "attn.c_attn", "layers": "odd", "method": "kron", "kron_shape": [24, 8], "kron_sparse": 0.01},
+        {"pattern": "mlp.c_proj", "layers": [11], "method": "dense"},
+    ]
+    model, _ = compress(dense12, compress_targets=targets, mlp="kron", kron_shape=(16, 8))
+    h = model.transformer.h
+    assert isinstance(h[0].mlp.c_fc, LowRankLinear) and isinstance(h[2].mlp.c_fc, LowRankLinear)
+    assert isinstance(h[4].mlp.c_fc, SharedBasisLinear) and isinstance(h[0].mlp.c_proj, SharedBasisLinear)
+    # the shared c_fc group: the even layers 'mlp.*' selects that the first target did not take
+    assert h[4].mlp.c_fc.basis is h[6].mlp.c_fc.basis is h[8].mlp.c_fc.basis
+    assert h[10].mlp.c_fc.basis is not h[8].mlp.c_fc.basis
+    assert h[0].mlp.c_proj.basis is h[2].mlp.c_proj.basis is h[4].mlp.c_proj.basis
+    assert isinstance(h[1].attn.c_attn, KronLinear) and h[1].attn.c_attn.sparse is not None
+    assert isinstance(h[0].attn.c_attn, nn.Linear)
+    # layers no target selects: the MLPs follow mlp="kron", except what the dense target keeps
+    assert isinstance(h[1].mlp.c_fc, KronLinear) and isinstance(h[11].mlp.c_proj, nn.Linear)
+    assert torch.equal(h[11].mlp.c_proj.weight, dense12.transformer.h[11].mlp.c_proj.weight)
+    path = str(tmp_path / "mixed.pt")
+    model.save_checkpoint(path)
+    back = GPT.from_checkpoint(path).eval()
+    assert back.config.compress_targets == model.config.compress_targets
+    idx = torch.randint(0, 256, (2, 10))
+    with torch.no_grad():
+        assert torch.equal(model.eval()(idx)[0], back(idx)[0])
+
+
+def test_targets_from_json_string_and_paper_default():
+    js = '[{"pattern": "mlp.c_fc", "layers": "odd", "method": "kron", "kron_shape": [16, 8]}]'
+    c = GPTConfig(n_layer=4, n_embd=32, n_head=2, vocab_size=64, block_size=16, compress_targets=js)
+    assert c.compress_targets[0]["kron_shape"] == (16, 8) and c.compress_targets[0]["kron_factors"] == 1
+    assert GPTConfig.from_dict(c.to_dict()) == c
+    paper = GPT(GPTConfig(n_layer=2, n_embd=32, n_head=2, vocab_size=64, block_size=16, mlp="kron", kron_shape=(16, 8)))
+    assert compressed_names(paper) == [(i, n) for i in range(2) for n in ("mlp.c_fc", "mlp.c_proj")]
+
+
+@pytest.mark.parametrize("target,match", [
+    ({"pattern": "mlp.c_gate", "method": "kron", "kron_shape": [16, 8]}, "selects none"),
+    ({"pattern": "mlp.c_fc", "layers": "prime", "method": "kron", "kron_shape": [16, 8]}, "odd"),
+    ({"pattern": "mlp.c_fc", "layers": [7], "method": "kron", "kron_shape": [16, 8]}, "0..3"),
+    ({"pattern": "mlp.c_fc", "method": "kron"}, "kron_shape"),
+    ({"pattern": "mlp.c_fc", "method": "lowrank"}, "lowrank_rank"),
+    ({"pattern": "mlp.c_fc", "method": "svd"}, "choose one of"),
+    ({"pattern": "mlp.c_fc", "method": "kron", "kron_shape": [16, 8], "rank": 3}, "unknown compress target keys"),
+])
+def test_bad_targets_are_clear_errors(target, match):
+    with pytest.raises(ValueError, match=match):
+        GPTConfig(n_layer=4, n_embd=32, n_head=2, compress_targets=[target])
+
+
+def test_size_report_counts(capsys):
+    targets = [{"pattern": "mlp.*", "layers": "odd", "method": "kron", "kron_shape": [1536, 384]}]
+    config = GPTConfig(compress_targets=targets)                # GPT-2 small, built on the meta device
+    text = size_report(config)
+    # 6 odd layers x 2 MLP matrices go from 2,359,296 + 3,072 or 768 to 589,828 + the same biases
+    expected = 124_439_808 - 12 * (2_359_296 - 589_828)
+    assert f"{expected:,}" in text and f"{expected - 1024 * 768:,}" in text
+    assert f"{expected + 50257 * 768:,}" in text                # as an untied model
+    assert "KronLinear: 12 layers" in text
+    lowrank_main(["count", "--targets", '[{"pattern": "attn.c_proj", "method": "lowrank", "lowrank_rank": 64}]'])
+    assert f"{124_439_808 - 12 * (768 * 768 - 64 * 2 * 768):,}" in capsys.readouterr().out
