@@ -1,0 +1,252 @@
+"""train.py end to end on CPU with tiny models and tiny data: loss drops, checkpoints,
+exact resume, gradient accumulation, DDP (gloo), configs, and clear errors for bad input."""
+import glob
+import hashlib
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+import train
+from conftest import ROOT, make_tiny_hf
+from model import GPT, GPTConfig, load_checkpoint
+
+VOCAB = 64       # tiny data uses token ids < 64 (the tiny GPT-2 still has the full 50257 vocabulary)
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    """train.bin / val.bin of a learnable sequence: a few repeated 'sentences' with noise."""
+    d = tmp_path_factory.mktemp("tinydata")
+    rng = np.random.default_rng(0)
+    sentences = [rng.integers(0, VOCAB, size=rng.integers(5, 12)) for _ in range(8)]
+    for split, n in (("train", 600), ("val", 100)):
+        ids = np.concatenate([sentences[i] for i in rng.integers(0, len(sentences), size=n)])
+        ids.astype(np.uint16).tofile(d / f"{split}.bin")
+    return str(d)
+
+
+@pytest.fixture(scope="module")
+def hf_dir(tmp_path_factory):
+    d = str(tmp_path_factory.mktemp("tiny_hf"))
+    make_tiny_hf(d, n_layer=2, n_embd=32, n_head=2, n_positions=64)
+    return d
+
+
+def argv(**kw):
+    return [f"--{k}={v!r}" for k, v in kw.items()]
+
+
+def run(data_dir, out_dir, **kw):
+    """train.main with a tiny, fast, deterministic base config."""
+    base = dict(data_dir=data_dir, out_dir=str(out_dir), device="cpu", dtype="float32", batch_size=4,
+                block_size=32, max_iters=20, eval_interval=10, eval_iters=2, log_interval=1,
+                learning_rate=3e-3, decay_lr=False, warmup_iters=0, eval_at_start=False)
+    return train.main(argv(**{**base, **kw}))
+
+
+def kron_run(data_dir, hf_dir, out_dir, **kw):
+    return run(data_dir, out_dir, **{"init_from": hf_dir, "mlp": "kron", "kron_shape": (64, 16),
+                                     "kron_init": "vl-norm", **kw})
+
+
+def scratch(**kw):
+    return dict(init_from="scratch", n_layer=1, n_head=2, n_embd=32, vocab_size=VOCAB, **kw)
+
+
+def sha(path):
+    with open(path, "rb") as f:
+        return hashlib.sha256(f.read()).hexdigest()
+
+
+def test_end_to_end_vl_norm(data_dir, hf_dir, tmp_path):
+    out = tmp_path / "run"
+    res = kron_run(data_dir, hf_dir, out, max_iters=40, eval_interval=20, eval_iters=4)
+    assert len(res["losses"]) == 40 and res["iters"] == list(range(1, 41))
+    first, last = np.mean(res["losses"][:5]), np.mean(res["losses"][-5:])
+    assert last < first - 1.0, (first, last)
+    assert res["evals"][-1]["val"] < res["evals"][0]["val"]
+    for name in ("ckpt_best.pt", "ckpt_last.pt"):
+        ckpt = load_checkpoint(str(out / name))
+        assert ckpt["config"]["kron_shape"] == (64, 16) and ckpt["config"]["init_from"] == hf_dir
+        assert ckpt["model_config"]["mlp"] == "kron"
+    model = GPT.from_checkpoint(str(out / "ckpt_last.pt"))
+    assert torch.equal(model.transformer.h[0].mlp.c_fc.A, res["model"].transformer.h[0].mlp.c_fc.A)
+    assert load_checkpoint(str(out / "ckpt_best.pt"))["best_val_loss"] == min(e["val"] for e in res["evals"])
+
+
+def test_resume_continues_the_same_curve(data_dir, hf_dir, tmp_path):
+    n = 6
+    full = kron_run(data_dir, hf_dir, tmp_path / "full", max_iters=2 * n, eval_interval=n,
+                    decay_lr=True, warmup_iters=3, lr_decay_iters=2 * n, min_lr=3e-4)
+    half = kron_run(data_dir, hf_dir, tmp_path / "half", max_iters=n, eval_interval=n,
+                    decay_lr=True, warmup_iters=3, lr_decay_iters=2 * n, min_lr=3e-4)
+    assert half["losses"] == full["losses"][:n]
+    resumed = kron_run(data_dir, hf_dir, tmp_path / "half", max_iters=2 * n, eval_interval=n,
+                       decay_lr=True, warmup_iters=3, lr_decay_iters=2 * n, min_lr=3e-4, init_from="resume")
+    assert resumed["iters"] == list(range(n + 1, 2 * n + 1))
+    np.testing.assert_allclose(resumed["losses"], full["losses"][n:], rtol=1e-6, atol=0)
+    for a, b in zip(resumed["model"].parameters(), full["model"].parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_finetune_from_checkpoint_is_weights_only(data_dir, hf_dir, tmp_path):
+    pre = kron_run(data_dir, hf_dir, tmp_path / "pre", max_iters=10)
+    fine = run(data_dir, tmp_path / "fine", init_from=str(tmp_path / "pre" / "ckpt_best.pt"), max_iters=3,
+               eval_interval=3, learning_rate=1e-9)
+    assert fine["iters"] == [1, 2, 3]                        # iteration 0, fresh optimizer
+    assert fine["model"].config.kron_shape == (64, 16)      # the architecture comes from the checkpoint
+    # a learning rate of 1e-9 leaves the pre-trained weights (nearly) unchanged
+    for a, b in zip(fine["model"].parameters(), pre["model"].parameters()):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-7)
+
+
+def test_gradient_accumulation_matches_one_big_batch(data_dir, tmp_path):
+    kw = scratch(max_iters=1, eval_interval=1, learning_rate=1e-3, weight_decay=0.0, grad_clip=0.0)
+    one = run(data_dir, tmp_path / "one", batch_size=8, gradient_accumulation_steps=1, **kw)
+    four = run(data_dir, tmp_path / "four", batch_size=2, gradient_accumulation_steps=4, **kw)
+    assert one["losses"][0] == pytest.approx(four["losses"][0], rel=1e-5)
+    torch.manual_seed(1337)                                   # train.py's seed: the same initial weights
+    init = GPT(GPTConfig(n_layer=1, n_head=2, n_embd=32, vocab_size=VOCAB, block_size=32))
+    moved = 0.0
+    for (name, a), b in zip(one["model"].named_parameters(), four["model"].parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6, msg=name)
+    for a, b in zip(one["model"].parameters(), init.parameters()):
+        moved = max(moved, (a - b).abs().max().item())
+    assert moved > 5e-4                                       # the step did change the weights
+
+
+def test_ddp_two_processes_match_single_process(data_dir, tmp_path):
+    kw = scratch(batch_size=2, gradient_accumulation_steps=4, max_iters=3, eval_interval=3,
+                 learning_rate=1e-3, data_dir=data_dir, device="cpu", dtype="float32", block_size=32,
+                 eval_iters=2, log_interval=1, decay_lr=False, eval_at_start=False)
+    single = train.main(argv(**kw, out_dir=str(tmp_path / "single")))
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                           os.path.join(ROOT, "train.py"), *argv(**kw, out_dir=str(tmp_path / "ddp"))],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=180)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "2 process(es)" in proc.stdout
+    ddp = load_checkpoint(str(tmp_path / "ddp" / "ckpt_last.pt"))
+    assert ddp["iter_num"] == 3 and ddp["config"]["world_size"] == 2
+    ref = single["model"].state_dict()
+    for k, v in ddp["model"].items():
+        torch.testing.assert_close(v, ref[k], rtol=1e-4, atol=1e-5, msg=k)
+
+
+# ----------------------------------------------------------------------------- configs
+
+EXPECTED_SIZES = {          # SPEC Table 1 (with position embeddings); 92M adds its 4*2*12 scalars
+    "krony81m.py": 81_972_576, "krony81m_finetune.py": 81_972_576, "krony96m_prune.py": 96_128_304,
+    "krony96m_vl.py": 96_128_304, "krony92m_4factors.py": 92_983_392 + 96,
+    "krony80m_2factors.py": 80_400_048, "krony67m.py": 67_893_504,
+}
+
+
+@pytest.mark.parametrize("name", sorted(EXPECTED_SIZES))
+def test_paper_configs_resolve_to_their_sizes(name):
+    cfg, explicit = train.resolve_config(os.path.join(ROOT, "configs", name), [])
+    mc = {k: cfg[k] for k in train.MODEL_KEYS}
+    with torch.device("meta"):
+        model = GPT(GPTConfig(**mc))
+    assert model.num_params() == EXPECTED_SIZES[name]
+    assert cfg["batch_size"] * cfg["gradient_accumulation_steps"] in (120, 320)
+
+
+def test_every_config_file_resolves():
+    files = glob.glob(os.path.join(ROOT, "configs", "*.py"))
+    assert len(files) >= 8
+    for f in files:
+        train.resolve_config(f, [])
+
+
+def test_config_file_and_overrides(tmp_path):
+    f = tmp_path / "c.py"
+    f.write_text("import math\nbatch_size = 3\n_helper = 7 * batch_size\nkron_shape = (64, 16)\n")
+    cfg, explicit = train.resolve_config(str(f), ["--batch_size=5", "--init_from=gpt2", "--decay_lr=False",
+                                                  "--learning_rate=1", "--kron_shape=(1536,384)"])
+    assert cfg["batch_size"] == 5 and cfg["init_from"] == "gpt2" and cfg["decay_lr"] is False
+    assert cfg["learning_rate"] == 1.0 and isinstance(cfg["learning_rate"], float)
+    assert cfg["kron_shape"] == (1536, 384) and "_helper" not in cfg and "math" not in cfg
+    assert {"batch_size", "init_from", "kron_shape"} <= explicit and "max_iters" not in explicit
+
+
+# ----------------------------------------------------------------------------- bad input
+
+def test_unknown_key_and_wrong_type_are_clear_errors(tmp_path):
+    with pytest.raises(train.ConfigError, match="unknown config key 'batch_sise'.*batch_size"):
+        train.main(["--batch_sise=4"])
+    f = tmp_path / "c.py"
+    f.write_text("learning_rat = 1e-3\n")
+    with pytest.raises(train.ConfigError, match=r"learning_rat.*c\.py.*learning_rate"):
+        train.main([str(f)])
+    with pytest.raises(train.ConfigError, match="max_iters='abc' has type str, expected int"):
+        train.main(["--max_iters=abc"])
+    with pytest.raises(train.ConfigError, match="expected bool"):
+        train.main(["--compile=1"])
+    with pytest.raises(train.ConfigError, match="--key=value"):
+        train.main(["--max_iters", "5"])
+    # the CLI prints the message, not a traceback
+    proc = subprocess.run([sys.executable, "train.py", "--batch_sise=4"], cwd=ROOT, capture_output=True, text=True)
+    assert proc.returncode != 0 and "Did you mean batch_size" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_missing_train_bin_names_prepare(tmp_path):
+    with pytest.raises(FileNotFoundError, match="prepare_owt.py"):
+        run(str(tmp_path / "nodata"), tmp_path / "out", **scratch())
+
+
+def test_checkpoint_of_another_shape_and_nan_keep_checkpoints(data_dir, hf_dir, tmp_path):
+    out = tmp_path / "run"
+    kron_run(data_dir, hf_dir, out, max_iters=4, eval_interval=4)
+    files = {n: sha(out / n) for n in ("ckpt_last.pt", "ckpt_best.pt")}
+    # resume with another A shape: clear error from the shape check
+    with pytest.raises(train.TrainError, match="another model configuration.*kron_shape"):
+        kron_run(data_dir, hf_dir, out, max_iters=8, init_from="resume", kron_shape=(32, 16))
+    # a diverging run stops with a clear message and does not overwrite the good checkpoints
+    with pytest.raises(train.TrainingDiverged, match="loss became (nan|inf).*last good checkpoints"):
+        kron_run(data_dir, hf_dir, out, max_iters=12, eval_interval=1, init_from="resume", learning_rate=1e30)
+    assert {n: sha(out / n) for n in files} == files
+    for n in files:
+        assert GPT.from_checkpoint(str(out / n)).config.kron_shape == (64, 16)
+    with pytest.raises(train.TrainError, match="no .*ckpt_last.pt"):
+        run(data_dir, tmp_path / "empty", init_from="resume")
+
+
+def test_wandb_offline_logging(data_dir, tmp_path, monkeypatch):
+    pytest.importorskip("wandb")
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path))
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    run(data_dir, tmp_path / "out", **scratch(max_iters=2, eval_interval=2, wandb_log=True, wandb_mode="offline",
+                                              wandb_run_name="tiny"))
+    runs = glob.glob(str(tmp_path / "out" / "wandb" / "offline-run-*"))
+    assert len(runs) == 1 and glob.glob(os.path.join(runs[0], "*.wandb"))
+
+
+def test_flops_per_token_counts_factored_macs():
+    with torch.device("meta"):
+        dense = GPT(GPTConfig())
+        krony = GPT(GPTConfig(mlp="kron", kron_shape=(1536, 384)))
+    fd, fk = train.flops_per_token(dense, 1024), train.flops_per_token(krony, 1024)
+    # dense MLP: 2 * 3072 * 768 multiply-adds per layer; Kronecker (1536,384)x(2,2): factored_macs of c_fc + c_proj
+    from kronecker import factored_macs
+    kron_mlp = factored_macs((1536, 384), (2, 2))[0] + factored_macs((384, 1536), (2, 2))[0]
+    assert fd - fk == pytest.approx(6 * 12 * (2 * 3072 * 768 - kron_mlp))
+    assert fk < fd
+
+
+def test_quickstart_prepares_its_own_data(tmp_path, tiktoken_gpt2):
+    """configs/quickstart.py on a fresh checkout: no data, no network; it tokenises tinyshakespeare itself."""
+    source = os.path.join(os.path.dirname(ROOT), "shared", "data", "tinyshakespeare.txt")
+    if not os.path.isfile(source):
+        pytest.skip("no ../shared/data/tinyshakespeare.txt")
+    data = tmp_path / "shakespeare"
+    res = train.main([os.path.join(ROOT, "configs", "quickstart.py"), f"--data_dir={str(data)!r}",
+                      f"--out_dir={str(tmp_path / 'out')!r}", "--max_iters=3", "--eval_interval=3",
+                      "--eval_iters=1", "--batch_size=2", "--eval_at_start=False"])
+    assert res["iters"] == [1, 2, 3] and os.path.isfile(tmp_path / "out" / "ckpt_best.pt")
+    meta = train.TokenData(str(data)).meta
+    assert meta["source"].endswith("tinyshakespeare.txt") and meta["train_tokens"] > 300_000
