@@ -312,6 +312,21 @@ def pick_dtype(name: str, device: torch.device, log) -> str:
     return name
 
 
+def download(url: str, path: str, log) -> str:
+    """Fetch url to path (atomically) unless it is there already; a clear error when offline."""
+    if not os.path.isfile(path):
+        import urllib.request
+        log(f"downloading {url} -> {path}")
+        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+        try:
+            urllib.request.urlretrieve(url, path + ".tmp")
+        except OSError as e:
+            raise TrainError(f"could not download {url} ({e}); put the file at {path} yourself, "
+                             "or set data_prepare's dataset to a local text file") from e
+        os.replace(path + ".tmp", path)
+    return path
+
+
 def prepare_data(cfg: dict, master: bool, ddp: bool, log) -> TokenData:
     """TokenData of data_dir; prepares it first (on rank 0) when data_prepare says how and it is missing."""
     data_dir = cfg["data_dir"]
@@ -319,9 +334,12 @@ def prepare_data(cfg: dict, master: bool, ddp: bool, log) -> TokenData:
         if master:
             import prepare_owt
             kwargs = dict(cfg["data_prepare"])
+            url = kwargs.pop("url", None)                          # where to fetch a missing local source
             source = kwargs.get("dataset", prepare_owt.OWT)
             if not os.path.exists(source) and os.path.exists(os.path.join(REPO, source)):
                 kwargs["dataset"] = os.path.join(REPO, source)     # paths in configs are relative to the repo
+            elif not os.path.exists(source) and url:
+                kwargs["dataset"] = download(url, os.path.join(data_dir, os.path.basename(source)), log)
             log(f"{data_dir} is not prepared yet; preparing it from {kwargs.get('dataset')}")
             try:
                 prepare_owt.prepare(out=data_dir, **kwargs)

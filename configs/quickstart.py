@@ -3,7 +3,8 @@
 #   python train.py configs/quickstart.py
 #
 # On first use it tokenises ../shared/data/tinyshakespeare.txt (1.1 MB, ~330k GPT-2
-# tokens; paragraphs separated by blank lines are the documents) into data/shakespeare
+# tokens; paragraphs separated by blank lines are the documents; downloaded once into
+# data/shakespeare when there is no local copy) into data/shakespeare
 # with prepare_owt.py. The GPT-2 tokenizer needs tiktoken's BPE files: the network,
 # or TIKTOKEN_CACHE_DIR (../shared/tiktoken_cache is used automatically when present).
 #
@@ -19,7 +20,9 @@
 
 out_dir = "out-quickstart"
 data_dir = "data/shakespeare"
-data_prepare = dict(dataset="../shared/data/tinyshakespeare.txt", val_fraction=0.05)
+# the local copy when present (offline CI), else downloaded once from char-rnn's repository
+data_prepare = dict(dataset="../shared/data/tinyshakespeare.txt", val_fraction=0.05,
+                    url="https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt")
 
 init_from = "scratch"
 n_layer = 4

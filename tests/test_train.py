@@ -250,3 +250,21 @@ def test_quickstart_prepares_its_own_data(tmp_path, tiktoken_gpt2):
     assert res["iters"] == [1, 2, 3] and os.path.isfile(tmp_path / "out" / "ckpt_best.pt")
     meta = train.TokenData(str(data)).meta
     assert meta["source"].endswith("tinyshakespeare.txt") and meta["train_tokens"] > 300_000
+
+
+def test_missing_local_source_is_downloaded_from_its_url(tmp_path, tiktoken_gpt2):
+    """A user without ../shared: data_prepare's url is fetched once (here a file:// URL, no network)."""
+    text = "First paragraph of a tiny corpus.\n\nSecond paragraph, a little longer than the first.\n" * 40
+    (tmp_path / "remote.txt").write_text(text)
+    data = tmp_path / "data"
+    prep = {"dataset": "no/such/local/copy.txt", "val_fraction": 0.1,
+            "url": (tmp_path / "remote.txt").as_uri()}
+    res = train.main([os.path.join(ROOT, "configs", "quickstart.py"), f"--data_dir={str(data)!r}",
+                      f"--out_dir={str(tmp_path / 'out')!r}", f"--data_prepare={prep!r}", "--max_iters=2",
+                      "--eval_interval=2", "--eval_iters=1", "--batch_size=2", "--block_size=16",
+                      "--eval_at_start=False"])
+    assert res["iters"] == [1, 2]
+    assert (data / "copy.txt").read_text() == text
+    meta = train.TokenData(str(data)).meta
+    assert meta["documents"] == len([p for p in text.split("\n\n") if p.strip()])  # 41 paragraphs
+    assert meta["source"].endswith("copy.txt")
