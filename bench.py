@@ -1,0 +1,473 @@
+"""
+Speed and memory benchmarks: Kronecker layers and models against dense GPT-2.
+
+    python bench.py                                        # CPU float32, a few minutes on 2 cores
+    python bench.py --sections layer --tokens 4096
+    python bench.py --device cuda --dtype bfloat16 --compile   # on a GPU
+
+Sections (--sections, comma-separated):
+  layer     forward+backward of KronLinear vs dense nn.Linear vs materialise-then-matmul,
+            for every Table 1 shape at GPT-2 sizes (c_fc 768->3072, c_proj 3072->768),
+            beside the arithmetic limit (dense multiply-adds / factored multiply-adds)
+  model     training-step tokens/s and peak memory, GPT-2 124M dense vs Krony-81M/-96M/-92M,
+            same code and batch (random init, no download); one subprocess per model
+  generate  tokens/s with the KV cache, dense vs Kronecker, and per-token time at two context lengths
+  data      prepare_owt.py tokenisation throughput on ../shared/data/tinyshakespeare.txt repeated
+
+Every speed-up is a ratio of two timings taken in the same run: warm-up first, then the median of
+--repeats timings, the candidates interleaved in shuffled order so that machine noise hits all alike.
+Prints one markdown table per section and writes everything to --out (JSON).
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import math
+import os
+import random
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from typing import Callable
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from kronecker import KronLinear, factored_macs, kron_path
+from model import GPT, GPTConfig, KVCache
+
+REPO = os.path.dirname(os.path.abspath(__file__))
+SECTIONS = ("layer", "model", "generate", "data")
+# Table 1 of the paper: (A shape for c_fc (3072, 768), k); c_proj uses the transposed shapes.
+TABLE1 = [((64, 32), 1), ((128, 32), 1), ((1024, 256), 1), ((768, 768), 1), ((1536, 384), 1),
+          ((1536, 768), 1), ((3072, 768), 1), ((1024, 256), 4)]
+# Models of the model/generate sections: name -> (B shape for c_fc, k) or None for dense. The A
+# shape follows from n_embd, so the same B classes also give the scaled-down --quick models.
+MODELS = {"gpt2-124M": None, "krony-81M": ((2, 2), 1), "krony-96M": ((2, 1), 1), "krony-92M-4f": ((3, 3), 4)}
+
+
+# -----------------------------------------------------------------------------
+# Timing
+
+def sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def race(fns: dict[str, Callable[[], None]], repeats: int, warmup: int, device: str) -> dict[str, float]:
+    """Median seconds per call of each fn, calls interleaved in a fresh random order every round."""
+    for _ in range(warmup):
+        for f in fns.values():
+            f()
+    sync(device)
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    names = list(fns)
+    for _ in range(repeats):
+        random.shuffle(names)
+        for name in names:
+            t0 = time.perf_counter()
+            fns[name]()
+            sync(device)
+            times[name].append(time.perf_counter() - t0)
+    return {name: statistics.median(ts) for name, ts in times.items()}
+
+
+def autocast(device: str, dtype: str):
+    """bf16 autocast (parameters stay float32, as in training), or nothing for float32."""
+    if dtype == "bfloat16":
+        return torch.autocast(device_type=device, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def maybe_compile(module: nn.Module, compile: bool) -> nn.Module:
+    return torch.compile(module) if compile else module
+
+
+# -----------------------------------------------------------------------------
+# Layer section
+
+class Materialised(nn.Module):
+    """Materialise-then-matmul: what the original Krony-PT code does on every forward."""
+
+    def __init__(self, kron: KronLinear):
+        super().__init__()
+        self.kron = kron
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.kron.materialize().to(x.dtype), self.kron.bias)
+
+
+class EinsumKron(nn.Module):
+    """The previous factored forward (two einsums over (N, k, ...)), kept as a reference point."""
+
+    def __init__(self, kron: KronLinear, order: str):
+        super().__init__()
+        self.kron, self.order = kron, order
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        (m1, n1), (m2, n2) = self.kron.a_shape, self.kron.b_shape
+        A, B = self.kron.A.to(x.dtype), self.kron.B.to(x.dtype)
+        X = x.reshape(-1, n1, n2)                                   # (N, n1, n2)
+        if self.order == "a_first":
+            Y = torch.einsum("nkmq,krq->nmr", torch.einsum("kmp,npq->nkmq", A, X), B)
+        else:
+            Y = torch.einsum("kmp,nkpr->nmr", A, torch.einsum("npq,krq->nkpr", X, B))
+        return Y.reshape(*x.shape[:-1], m1 * m2) + self.kron.bias.to(Y.dtype)
+
+
+def train_step_fn(module: nn.Module, x: torch.Tensor, device: str, dtype: str) -> Callable[[], None]:
+    """Forward + backward of one layer (gradients set to None first, as zero_grad does)."""
+    params = list(module.parameters())
+    grad = torch.randn(x.shape[0], module(x).shape[-1], device=x.device)
+
+    def step() -> None:
+        for p in params:
+            p.grad = None
+        x.grad = None
+        with autocast(device, dtype):
+            y = module(x)
+        y.backward(grad.to(y.dtype))
+    return step
+
+
+def bench_layers(args) -> list[dict]:
+    d = 768
+    rows = []
+    shapes = TABLE1[:3] if args.quick else TABLE1
+    for a_fc, k in shapes:
+        for matrix, (in_f, out_f), a_shape in (("c_fc", (d, 4 * d), a_fc), ("c_proj", (4 * d, d), a_fc[::-1])):
+            torch.manual_seed(0)
+            kron = KronLinear(in_f, out_f, a_shape, k).to(args.device)
+            dense = nn.Linear(in_f, out_f).to(args.device)
+            x = torch.randn(args.tokens, in_f, device=args.device, requires_grad=True)
+            macs, order = factored_macs(kron.a_shape, kron.b_shape, k)
+            variants = {"dense": dense, "kron": kron, "materialised": Materialised(kron),
+                        "einsum": EinsumKron(kron, order)}
+            fns = {name: train_step_fn(maybe_compile(m, args.compile), x, args.device, args.dtype)
+                   for name, m in variants.items()}
+            t = race(fns, args.repeats, args.warmup, args.device)
+            limit = in_f * out_f / macs
+            speedup = t["dense"] / t["kron"]
+            rows.append(dict(matrix=matrix, a_shape=list(kron.a_shape), b_shape=list(kron.b_shape), k=k,
+                             path=kron.path, tokens=args.tokens, limit=limit,
+                             dense_ms=1e3 * t["dense"], kron_ms=1e3 * t["kron"],
+                             materialised_ms=1e3 * t["materialised"], einsum_ms=1e3 * t["einsum"],
+                             speedup=speedup, fraction_of_limit=speedup / limit,
+                             vs_materialised=t["materialised"] / t["kron"],
+                             einsum_speedup=t["dense"] / t["einsum"]))
+            print(f"  {matrix} A{kron.a_shape} B{kron.b_shape} k={k}: {speedup:.2f}x (limit {limit:.2f})",
+                  file=sys.stderr, flush=True)
+    return rows
+
+
+def layer_table(rows: list[dict]) -> str:
+    lines = ["| matrix | A | B | k | path | limit | dense ms | kron ms | speed-up | % of limit "
+             "| vs materialised | einsum speed-up |", "|" + "---|" * 12]
+    for r in rows:
+        lines.append(f"| {r['matrix']} | {tuple(r['a_shape'])} | {tuple(r['b_shape'])} | {r['k']} | {r['path']} "
+                     f"| {r['limit']:.2f} | {r['dense_ms']:.1f} | {r['kron_ms']:.1f} | {r['speedup']:.2f}x "
+                     f"| {100 * r['fraction_of_limit']:.0f}% | {r['vs_materialised']:.2f}x "
+                     f"| {r['einsum_speedup']:.2f}x |")
+    return "\n".join(lines)
+
+
+def layer_targets(rows: list[dict]) -> dict:
+    """Issue 5: >= 70% of the limit where the limit is ~2 or more (the issue counts (1536, 384) (x) (2, 2),
+    limit 1.99, among them); never slower than materialise-then-matmul (within 5% timing noise: on the
+    materialised path the two are the same computation)."""
+    big = [r for r in rows if round(r["limit"], 1) >= 2]
+    return {"rows_with_limit_ge_2": len(big),
+            "met_70pct_of_limit": sum(r["fraction_of_limit"] >= 0.7 for r in big),
+            "not_slower_than_materialised": sum(r["vs_materialised"] >= 0.95 for r in rows),
+            "rows": len(rows)}
+
+
+# -----------------------------------------------------------------------------
+# Model section
+
+def model_config(name: str, quick: bool) -> GPTConfig:
+    """GPT-2 small (or a tiny GPT for --quick) with the MLPs of `name` (see MODELS)."""
+    size = dict(n_layer=2, n_head=2, n_embd=96, block_size=64) if quick else {}
+    spec = MODELS[name]
+    if spec is None:
+        return GPTConfig(**size)
+    (m2, n2), k = spec
+    d = size.get("n_embd", 768)
+    return GPTConfig(**size, mlp="kron", kron_shape=(4 * d // m2, d // n2), kron_factors=k)
+
+
+def macs_per_token(config: GPTConfig, seq: int) -> int:
+    """Forward multiply-adds per token: every matmul, attention (QK^T and AV over the full
+    sequence, the nanoGPT convention) and the lm_head. Factored MLPs count the path they run;
+    a materialised one counts dense (materialising costs k*out*in once per step, not per token)."""
+    d = config.n_embd
+    mlp = 0
+    for in_f, out_f, a in ((d, 4 * d, config.kron_shape), (4 * d, d, (config.kron_shape or (1, 1))[::-1])):
+        if config.mlp == "dense":
+            mlp += in_f * out_f
+            continue
+        layer = KronLinear(in_f, out_f, a, config.kron_factors, bias=False)
+        mlp += in_f * out_f if layer.path == "materialised" else factored_macs(layer.a_shape, layer.b_shape, layer.k)[0]
+    per_layer = 3 * d * d + d * d + mlp + 2 * seq * d
+    return config.n_layer * per_layer + config.vocab_size * d
+
+
+def build_train_step(name: str, args) -> tuple[GPT, Callable[[], None]]:
+    """A model of MODELS and one closure running forward + backward + AdamW on a fixed random batch."""
+    torch.manual_seed(0)
+    config = model_config(name, args.quick)
+    model = GPT(config).to(args.device)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=args.device == "cuda")
+    cmodel = maybe_compile(model, args.compile)
+    x = torch.randint(0, config.vocab_size, (args.batch, args.seq), device=args.device)
+    y = torch.randint(0, config.vocab_size, (args.batch, args.seq), device=args.device)
+
+    def step() -> None:
+        with autocast(args.device, args.dtype):
+            _, loss = cmodel(x, y)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    return model, step
+
+
+def model_worker(args) -> None:
+    """Peak memory of one model's training step, in its own process. Prints one JSON line."""
+    base_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    if args.device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    model, step = build_train_step(args.worker_model, args)
+    for _ in range(2):                            # the second step has the AdamW state allocated
+        step()
+    sync(args.device)
+    out = dict(model=args.worker_model, params=model.num_params(),
+               peak_rss_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, base_rss_mb=base_rss / 1024)
+    if args.device == "cuda":
+        out["peak_cuda_mb"] = torch.cuda.max_memory_allocated() / 2**20
+    print("WORKER_JSON " + json.dumps(out))
+
+
+def run_worker(args, name: str) -> dict:
+    cmd = [sys.executable, os.path.abspath(__file__), "--worker-model", name, "--device", args.device,
+           "--dtype", args.dtype, "--batch", str(args.batch), "--seq", str(args.seq),
+           "--repeats", "1", "--warmup", "0"]
+    cmd += ["--quick"] if args.quick else []
+    cmd += ["--compile"] if args.compile else []
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO)
+    lines = [l for l in proc.stdout.splitlines() if l.startswith("WORKER_JSON ")]
+    if proc.returncode != 0 or not lines:
+        raise RuntimeError(f"benchmark worker for {name} failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}")
+    return json.loads(lines[-1][len("WORKER_JSON "):])
+
+
+def bench_models(args) -> dict:
+    # Memory: one fresh process per model. Speed: all models in this process, their steps
+    # interleaved (machine noise on a shared host would otherwise decide the ratios).
+    rows = []
+    for name in MODELS:
+        print(f"  peak memory of {name} ...", file=sys.stderr, flush=True)
+        rows.append(run_worker(args, name))
+    print("  interleaved training steps ...", file=sys.stderr, flush=True)
+    steps = {name: build_train_step(name, args)[1] for name in MODELS}
+    t = race(steps, args.model_repeats, 1, args.device)
+    del steps
+    dense_macs = macs_per_token(model_config("gpt2-124M", args.quick), args.seq)
+    key = "peak_cuda_mb" if args.device == "cuda" else "peak_rss_mb"
+    for r in rows:
+        r["step_s"] = t[r["model"]]
+        r["tokens_per_s"] = args.batch * args.seq / r["step_s"]
+        r["arith_limit"] = dense_macs / macs_per_token(model_config(r["model"], args.quick), args.seq)
+        r["speedup"] = t["gpt2-124M"] / r["step_s"]
+        r["fraction_of_limit"] = r["speedup"] / r["arith_limit"]
+        r["memory_ratio"] = r[key] / rows[0][key]
+    return {"batch": args.batch, "seq": args.seq, "rows": rows,
+            "memory_measure": ("torch.cuda.max_memory_allocated (params, grads, AdamW state, activations)"
+                               if args.device == "cuda" else
+                               "peak resident set size (ru_maxrss) of a fresh process per model running two "
+                               "training steps, including the ~base_rss_mb of the Python + torch runtime")}
+
+
+def model_table(res: dict, device: str) -> str:
+    mem = "peak CUDA MB" if device == "cuda" else "peak RSS MB"
+    lines = [f"batch {res['batch']} x {res['seq']} tokens; memory: {res['memory_measure']}", "",
+             f"| model | params | tokens/s | speed-up | arithmetic limit | % of limit | {mem} | memory vs dense |",
+             "|" + "---|" * 8]
+    for r in res["rows"]:
+        m = r.get("peak_cuda_mb", r["peak_rss_mb"])
+        lines.append(f"| {r['model']} | {r['params']:,} | {r['tokens_per_s']:.0f} | {r['speedup']:.2f}x "
+                     f"| {r['arith_limit']:.2f} | {100 * r['fraction_of_limit']:.0f}% | {m:.0f} "
+                     f"| {r['memory_ratio']:.2f} |")
+    return "\n".join(lines)
+
+
+# -----------------------------------------------------------------------------
+# Generation section
+
+@torch.no_grad()
+def bench_generate(args) -> list[dict]:
+    contexts = (16, 48) if args.quick else (64, 512)
+    rows = []
+    for name in ("gpt2-124M", "krony-81M"):
+        torch.manual_seed(0)
+        config = model_config(name, args.quick)
+        model = GPT(config).to(args.device).eval()
+        fns = {}
+        for ctx in contexts:
+            cache = KVCache(config, 1, args.device, torch.float32)
+            with autocast(args.device, args.dtype):
+                model(torch.randint(0, config.vocab_size, (1, ctx), device=args.device), cache=cache)
+            tok = torch.randint(0, config.vocab_size, (1, 1), device=args.device)
+
+            def decode(cache=cache, ctx=ctx, tok=tok) -> None:
+                cache.pos = ctx                     # always the same context: one new token after ctx
+                with autocast(args.device, args.dtype):
+                    model(tok, cache=cache)
+            fns[ctx] = decode
+        t = race(fns, args.repeats * 4, args.warmup, args.device)
+        prompt = torch.randint(0, config.vocab_size, (1, contexts[0]), device=args.device)
+        n_new = 16 if args.quick else 64
+        t0 = time.perf_counter()
+        with autocast(args.device, args.dtype):
+            model.generate(prompt, n_new, temperature=0)
+        sync(args.device)
+        gen_tps = n_new / (time.perf_counter() - t0)
+        rows.append(dict(model=name, ms_per_token={str(c): 1e3 * t[c] for c in contexts},
+                         flatness=t[contexts[1]] / t[contexts[0]], generate_tokens_per_s=gen_tps))
+    for r in rows:
+        r["speedup"] = rows[0]["ms_per_token"][str(contexts[0])] / r["ms_per_token"][str(contexts[0])]
+    return rows
+
+
+def generate_table(rows: list[dict]) -> str:
+    c0, c1 = list(rows[0]["ms_per_token"])
+    lines = [f"| model | ms/token @ {c0} ctx | ms/token @ {c1} ctx | ratio {c1}/{c0} | speed-up @ {c0} "
+             "| generate() tokens/s |", "|" + "---|" * 6]
+    for r in rows:
+        lines.append(f"| {r['model']} | {r['ms_per_token'][c0]:.2f} | {r['ms_per_token'][c1]:.2f} "
+                     f"| {r['flatness']:.2f} | {r['speedup']:.2f}x | {r['generate_tokens_per_s']:.1f} |")
+    return "\n".join(lines)
+
+
+# -----------------------------------------------------------------------------
+# Data section
+
+def bench_data(args) -> dict:
+    path = args.corpus
+    if not os.path.isfile(path):
+        raise SystemExit(f"bench.py: corpus {path} not found; pass --corpus PATH to a text file")
+    with open(path, encoding="utf-8") as f:
+        text = f.read()
+    repeat = 1 if args.quick else args.corpus_repeat
+    docs = [p for p in text.split("\n\n") if p.strip()] * repeat
+    if args.quick:
+        docs = docs[:2000]
+    try:
+        from prepare_owt import tokenize_batch
+        source = "prepare_owt.tokenize_batch (tiktoken GPT-2 BPE, one process)"
+
+        def encode(batch: list[str]) -> int:
+            return sum(tokenize_batch({"text": batch}, "text")["len"])
+    except ImportError as e:
+        import tiktoken
+        enc = tiktoken.get_encoding("gpt2")
+        source = f"tiktoken encode_ordinary_batch directly (prepare_owt.py unavailable: {e})"
+
+        def encode(batch: list[str]) -> int:
+            return sum(len(ids) + 1 for ids in enc.encode_ordinary_batch(batch, num_threads=1))
+    encode(docs[:100])                             # warm-up: loads the BPE ranks
+    t0 = time.perf_counter()
+    tokens = sum(encode(docs[i:i + 1024]) for i in range(0, len(docs), 1024))
+    dt = time.perf_counter() - t0
+    return dict(source=source, corpus=os.path.relpath(path, REPO), repeat=repeat, documents=len(docs),
+                tokens=tokens, seconds=dt, tokens_per_s=tokens / dt,
+                mb_per_s=sum(len(d) for d in docs) / dt / 1e6)
+
+
+def data_table(r: dict) -> str:
+    return "\n".join([f"tokeniser: {r['source']}", "",
+                      "| corpus | documents | tokens | seconds | tokens/s | MB/s |", "|---|---|---|---|---|---|",
+                      f"| {r['corpus']} x{r['repeat']} | {r['documents']:,} | {r['tokens']:,} | {r['seconds']:.2f} "
+                      f"| {r['tokens_per_s']:,.0f} | {r['mb_per_s']:.2f} |"])
+
+
+# -----------------------------------------------------------------------------
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="bench.py", description=__doc__.split("\n\n")[0].strip(),
+                                epilog="Example: python bench.py --sections layer,model --out bench.json",
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
+    p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"),
+                   help="bfloat16 runs under autocast with float32 parameters, as training does")
+    p.add_argument("--compile", action="store_true", help="torch.compile every benchmarked module")
+    p.add_argument("--sections", default=",".join(SECTIONS), help=f"comma-separated subset of {','.join(SECTIONS)}")
+    p.add_argument("--tokens", type=int, default=None,
+                   help="tokens per layer micro-batch (default 2048 on CPU, 24*1024 on CUDA)")
+    p.add_argument("--batch", type=int, default=None, help="model section: sequences per step (default 1 CPU, 12 CUDA)")
+    p.add_argument("--seq", type=int, default=None, help="model section: tokens per sequence (default 256 CPU, 1024 CUDA)")
+    p.add_argument("--repeats", type=int, default=None, help="timed repeats per figure (median; default 7)")
+    p.add_argument("--warmup", type=int, default=2, help="untimed calls before timing")
+    p.add_argument("--corpus", default=os.path.join(os.path.dirname(REPO), "shared", "data", "tinyshakespeare.txt"))
+    p.add_argument("--corpus-repeat", type=int, default=8, help="data section: how many times to repeat the corpus")
+    p.add_argument("--quick", action="store_true", help="tiny settings for a smoke test (seconds, figures meaningless)")
+    p.add_argument("--out", default="bench.json", help="JSON file for all results")
+    p.add_argument("--worker-model", default=None, help=argparse.SUPPRESS)  # internal: one model per process
+    args = p.parse_args(argv)
+    cuda = args.device == "cuda"
+    if cuda and not torch.cuda.is_available():
+        p.error("--device cuda but torch.cuda.is_available() is False; use --device cpu")
+    args.tokens = args.tokens or (64 if args.quick else 24 * 1024 if cuda else 2048)
+    args.batch = args.batch or (1 if args.quick or not cuda else 12)
+    args.seq = args.seq or (32 if args.quick else 1024 if cuda else 256)
+    args.repeats = args.repeats or (1 if args.quick else 7)
+    args.model_repeats = 1 if args.quick else min(args.repeats, 5 if cuda else 4)
+    if args.quick:
+        args.warmup = min(args.warmup, 1)
+    args.section_list = [s.strip() for s in args.sections.split(",") if s.strip()]
+    bad = [s for s in args.section_list if s not in SECTIONS]
+    if bad or not args.section_list:
+        p.error(f"unknown section(s) {bad}; choose from {','.join(SECTIONS)}")
+    return args
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = parse_args(argv)
+    if args.worker_model:
+        model_worker(args)
+        return {}
+    meta = dict(device=args.device, dtype=args.dtype, compile=args.compile, torch=torch.__version__,
+                threads=torch.get_num_threads(), repeats=args.repeats, warmup=args.warmup, quick=args.quick,
+                gpu=torch.cuda.get_device_name() if args.device == "cuda" else None)
+    results: dict = {"meta": meta}
+    print(f"# bench.py: {args.device} {args.dtype}{' compiled' if args.compile else ''}, torch {torch.__version__}, "
+          f"{meta['threads']} threads, median of {args.repeats} after {args.warmup} warm-up\n")
+    if "layer" in args.section_list:
+        rows = bench_layers(args)
+        results["layer"] = {"rows": rows, "targets": layer_targets(rows)}
+        print(f"## layer: forward+backward, {args.tokens} tokens (speed-ups vs dense nn.Linear)\n")
+        print(layer_table(rows), "\n")
+        print(f"targets: {results['layer']['targets']}\n")
+    if "model" in args.section_list:
+        results["model"] = bench_models(args)
+        print("## model: training step (forward + backward + AdamW)\n")
+        print(model_table(results["model"], args.device), "\n")
+    if "generate" in args.section_list:
+        results["generate"] = {"rows": bench_generate(args)}
+        print("## generate: one new token with the KV cache, batch 1 (eager)\n")
+        print(generate_table(results["generate"]["rows"]), "\n")
+    if "data" in args.section_list:
+        results["data"] = bench_data(args)
+        print("## data: tokenisation throughput\n")
+        print(data_table(results["data"]), "\n")
+    with open(args.out, "w") as f:
+        json.dump(results, f, indent=2)
+    print(f"wrote {args.out}")
+    return results
+
+
+if __name__ == "__main__":
+    main()

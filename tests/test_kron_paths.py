@@ -1,0 +1,166 @@
+"""Every forward path of KronLinear against the dense reference x @ W^T + b, under
+torch.compile and bf16 autocast; and bench.py end to end."""
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from kronecker import KRON_PATHS, KronLinear, kron_path
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+# The B classes of Table 1, scaled down (same B, smaller A) so that the test is fast:
+# (in, out, A shape) of a c_fc-like (in < out) layer; c_proj uses the transposed shapes.
+SMALL = {
+    (1, 1): (16, 64, (64, 16)),
+    (2, 1): (16, 64, (32, 16)),
+    (4, 1): (16, 64, (16, 16)),
+    (2, 2): (16, 64, (32, 8)),
+    (3, 3): (24, 96, (32, 8)),
+    (48, 24): (48, 96, (2, 2)),
+}
+
+
+def reference(layer: KronLinear, x: torch.Tensor) -> torch.Tensor:
+    W = layer.materialize()
+    y = x @ W.t()
+    return y + layer.bias if layer.bias is not None else y
+
+
+def make_layer(in_f, out_f, a_shape, k, scalars, bias, seed=0) -> KronLinear:
+    torch.manual_seed(seed)
+    layer = KronLinear(in_f, out_f, a_shape, k, bias=bias, scalars=scalars)
+    with torch.no_grad():                    # O(1) entries so that errors are visible
+        layer.A.normal_()
+        layer.B.normal_()
+        if scalars:
+            layer.scalars.uniform_(0.5, 2.0)
+        if bias:
+            layer.bias.normal_()
+    return layer
+
+
+def check_path(layer: KronLinear, path: str, lead=(3, 5), rtol=1e-4) -> None:
+    """Forward and every gradient of `path` equal the dense reference's."""
+    layer.path = path
+    x = torch.randn(*lead, layer.in_features, requires_grad=True)
+    y = layer(x)
+    assert y.shape == (*lead, layer.out_features)
+    g = torch.randn_like(y)
+    params = [p for p in (layer.A, layer.B, layer.scalars, layer.bias, x) if p is not None]
+    grads = torch.autograd.grad(y, params, g)
+    y_ref = reference(layer, x)
+    grads_ref = torch.autograd.grad(y_ref, params, g)
+    scale = y_ref.abs().max().item()
+    torch.testing.assert_close(y, y_ref, rtol=rtol, atol=rtol * scale)
+    for got, want in zip(grads, grads_ref):
+        torch.testing.assert_close(got, want, rtol=rtol, atol=rtol * want.abs().max().item())
+
+
+@pytest.mark.parametrize("b_class", list(SMALL))
+@pytest.mark.parametrize("transpose", [False, True], ids=["c_fc", "c_proj"])
+@pytest.mark.parametrize("path", KRON_PATHS)
+def test_paths_match_dense(b_class, transpose, path):
+    in_f, out_f, a_shape = SMALL[b_class]
+    if transpose:
+        in_f, out_f, a_shape = out_f, in_f, a_shape[::-1]
+    layer = make_layer(in_f, out_f, a_shape, 1, scalars=False, bias=True)
+    assert layer.b_shape == (b_class if not transpose else b_class[::-1])
+    check_path(layer, path)
+
+
+@pytest.mark.parametrize("path", KRON_PATHS)
+@pytest.mark.parametrize("k,scalars,bias", [(2, True, True), (3, False, False), (4, True, False)])
+def test_paths_several_factors(path, k, scalars, bias):
+    for in_f, out_f, a_shape in [(24, 96, (32, 8)), (96, 24, (8, 32)), (48, 96, (2, 2))]:
+        check_path(make_layer(in_f, out_f, a_shape, k, scalars, bias), path)
+
+
+@pytest.mark.parametrize("a_shape,path", [((1536, 384), "b_first"), ((384, 1536), "a_first"),
+                                          ((768, 768), "a_first"), ((64, 32), "b_first")])
+def test_real_gpt2_sizes(a_shape, path):
+    """GPT-2 small sizes (768 <-> 3072), c_fc and c_proj."""
+    in_f, out_f = (768, 3072) if a_shape[0] >= a_shape[1] else (3072, 768)
+    layer = make_layer(in_f, out_f, a_shape, 1, scalars=True, bias=True)
+    check_path(layer, path, lead=(4,), rtol=2e-4)
+
+
+def test_path_choice_is_static_and_sensible():
+    # big arithmetic savings: factored, in the cheaper order
+    assert kron_path((768, 768), (4, 1)) == "a_first"
+    assert kron_path((768, 768), (1, 4)) == "b_first"
+    assert kron_path((64, 32), (48, 24)) in ("a_first", "b_first")
+    # no saving (B 1x1), or more work than dense (4 factors of (3, 3)): one GEMM on W
+    assert kron_path((3072, 768), (1, 1)) == "materialised"
+    assert kron_path((1024, 256), (3, 3), k=4) == "materialised"
+    layer = KronLinear(768, 3072, (3072, 768))
+    assert layer.path == "materialised" and layer.materialize_in_forward
+
+
+def compiler_available() -> str | None:
+    """Why torch.compile cannot run here, or None."""
+    if not torch._dynamo.is_dynamo_supported():
+        return "torch._dynamo is not supported on this platform"
+    if not (shutil.which("g++") or shutil.which("c++") or shutil.which("clang++")):
+        return "no C++ compiler on PATH (inductor needs one on CPU)"
+    return None
+
+
+@pytest.mark.skipif(compiler_available() is not None, reason=str(compiler_available()))
+@pytest.mark.parametrize("path", KRON_PATHS)
+def test_compile_fullgraph_matches_eager(path):
+    torch._dynamo.reset()
+    layer = make_layer(24, 96, (32, 8), 2, scalars=True, bias=True)
+    layer.path = path
+    x = torch.randn(2, 7, 24, requires_grad=True)
+    compiled = torch.compile(layer, fullgraph=True)       # fails on any graph break
+    y = compiled(x)
+    y_eager = layer(x)
+    torch.testing.assert_close(y, y_eager, rtol=1e-4, atol=1e-4)
+    (gx,) = torch.autograd.grad(y.square().sum(), x)
+    (gx_eager,) = torch.autograd.grad(y_eager.square().sum(), x)
+    torch.testing.assert_close(gx, gx_eager, rtol=1e-4, atol=1e-3)
+
+
+@pytest.mark.parametrize("path", KRON_PATHS)
+def test_bf16_autocast_close(path):
+    layer = make_layer(96, 24, (8, 32), 2, scalars=True, bias=True)
+    layer.path = path
+    x = torch.randn(4, 96)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = layer(x)
+    assert y.dtype == torch.bfloat16                       # runs in bf16, like nn.Linear under autocast
+    ref = reference(layer, x)
+    err = (y.float() - ref).norm() / ref.norm()
+    assert err < 2e-2, err
+
+
+def test_bench_quick_end_to_end(tmp_path):
+    out = tmp_path / "bench.json"
+    env = {**os.environ, "TIKTOKEN_CACHE_DIR": os.environ.get(
+        "TIKTOKEN_CACHE_DIR", os.path.join(os.path.dirname(ROOT), "shared", "tiktoken_cache"))}
+    proc = subprocess.run([sys.executable, "bench.py", "--quick", "--out", str(out)], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    res = json.loads(out.read_text())
+    assert set(res) == {"meta", "layer", "model", "generate", "data"}
+    rows = res["layer"]["rows"]
+    assert len(rows) == 6 and {r["matrix"] for r in rows} == {"c_fc", "c_proj"}
+    for r in rows:
+        assert r["limit"] > 1 and r["dense_ms"] > 0 and r["kron_ms"] > 0 and r["speedup"] > 0
+    assert [r["model"] for r in res["model"]["rows"]] == ["gpt2-124M", "krony-81M", "krony-96M", "krony-92M-4f"]
+    assert all(r["tokens_per_s"] > 0 and r["peak_rss_mb"] > 0 for r in res["model"]["rows"])
+    assert res["model"]["rows"][0]["arith_limit"] == 1.0
+    assert all(r["flatness"] > 0 for r in res["generate"]["rows"])
+    assert res["data"]["tokens"] > 1000 and res["data"]["tokens_per_s"] > 0
+    assert "| speed-up |" in proc.stdout and "wrote" in proc.stdout
+
+
+def test_bench_bad_section_is_a_clear_error():
+    proc = subprocess.run([sys.executable, "bench.py", "--sections", "layers"], cwd=ROOT,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "unknown section" in proc.stderr
