@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import math
 import os
 import random
 import resource
@@ -37,7 +36,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from kronecker import KronLinear, factored_macs, kron_path
+from kronecker import KronLinear, factored_macs
 from model import GPT, GPTConfig, KVCache
 
 REPO = os.path.dirname(os.path.abspath(__file__))
@@ -201,19 +200,9 @@ def model_config(name: str, quick: bool) -> GPTConfig:
 
 
 def macs_per_token(config: GPTConfig, seq: int) -> int:
-    """Forward multiply-adds per token: every matmul, attention (QK^T and AV over the full
-    sequence, the nanoGPT convention) and the lm_head. Factored MLPs count the path they run;
-    a materialised one counts dense (materialising costs k*out*in once per step, not per token)."""
-    d = config.n_embd
-    mlp = 0
-    for in_f, out_f, a in ((d, 4 * d, config.kron_shape), (4 * d, d, (config.kron_shape or (1, 1))[::-1])):
-        if config.mlp == "dense":
-            mlp += in_f * out_f
-            continue
-        layer = KronLinear(in_f, out_f, a, config.kron_factors, bias=False)
-        mlp += in_f * out_f if layer.path == "materialised" else factored_macs(layer.a_shape, layer.b_shape, layer.k)[0]
-    per_layer = 3 * d * d + d * d + mlp + 2 * seq * d
-    return config.n_layer * per_layer + config.vocab_size * d
+    """Forward multiply-adds per token (GPT.macs_per_token), from a weightless model."""
+    with torch.device("meta"):
+        return GPT(config).macs_per_token(seq)
 
 
 def build_train_step(name: str, args) -> tuple[GPT, Callable[[], None]]:

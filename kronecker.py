@@ -255,7 +255,6 @@ class KronLinear(nn.Module):
         self.bias = nn.Parameter(torch.zeros(out_features)) if bias else None
         # optional sparse residual S (seeds/003): W = sum_i s_i A_i (x) B_i + S
         self.sparse = SparseResidual(out_features, in_features, sparse) if sparse > 0 else None
-        _, self.order = factored_macs(self.a_shape, self.b_shape, k)
         # "a_first" | "b_first" | "materialised", fixed by the shape (see kron_path);
         # a plain attribute so tests and benchmarks can force another path.
         self.path = kron_path(self.a_shape, self.b_shape, k)
@@ -271,13 +270,15 @@ class KronLinear(nn.Module):
         is separate: self.sparse.to_dense())."""
         return kron_sum(self.A, self.B, self.scalars)
 
+    def macs_per_row(self) -> int:
+        """Forward multiply-adds per input row on the path this layer takes (+ the sparse term)."""
+        dense = self.in_features * self.out_features
+        macs = dense if self.path == "materialised" else factored_macs(self.a_shape, self.b_shape, self.k)[0]
+        return macs + (self.sparse.values.numel() if self.sparse is not None else 0)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.forward_kron(x)
         return y if self.sparse is None else y + self.sparse(x)   # + x S^T, S kept sparse
-
-    @property
-    def materialize_in_forward(self) -> bool:
-        return self.path == "materialised"
 
     def forward_kron(self, x: torch.Tensor) -> torch.Tensor:
         if self.path == "materialised":

@@ -75,6 +75,9 @@ class LowRankLinear(nn.Module):
         """The dense weight U V, shape (out, in)."""
         return self.U @ self.V
 
+    def macs_per_row(self) -> int:
+        return self.rank * (self.in_features + self.out_features)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(F.linear(x, self.V), self.U, self.bias)
 
@@ -120,6 +123,9 @@ class SharedBasisLinear(nn.Module):
     def materialize(self) -> torch.Tensor:
         """The dense weight C B, shape (out, in)."""
         return self.coefficient @ self.basis
+
+    def macs_per_row(self) -> int:
+        return self.rank * (self.in_features + self.out_features)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(F.linear(x, self.basis), self.coefficient, self.bias)

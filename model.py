@@ -304,6 +304,15 @@ class GPT(nn.Module):
         n = sum(p.numel() for p in self.parameters())  # parameters() yields a shared tensor once
         return n if include_wpe else n - self.transformer.wpe.weight.numel()
 
+    def macs_per_token(self, seq_len: int | None = None) -> int:
+        """Forward multiply-adds per token: every linear layer (compressed ones by the
+        path they run), the lm_head, and attention's QK^T and AV over seq_len positions.
+        Training costs about 3x this (the backward pass twice the forward): FLOPs = 6 x MACs."""
+        T = seq_len or self.config.block_size
+        linears = sum(m.in_features * m.out_features if isinstance(m, nn.Linear) else m.macs_per_row()
+                      for m in self.modules() if isinstance(m, nn.Linear) or hasattr(m, "macs_per_row"))
+        return linears + 2 * self.config.n_layer * self.config.n_embd * T
+
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None,
                 cache: KVCache | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
         """idx (B, T) token ids -> logits (B, T, vocab), loss (mean cross-entropy, targets -1 ignored).

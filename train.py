@@ -42,7 +42,7 @@ import torch
 import torch.nn as nn
 
 from data import TokenData
-from kronecker import KronLinear, factored_macs
+from kronecker import KronLinear
 from model import GPT, GPTConfig, compress, format_report, load_checkpoint
 
 REPO = os.path.dirname(os.path.abspath(__file__))
@@ -231,17 +231,9 @@ def build_model(cfg: dict, explicit: set[str], log) -> tuple[GPT, dict | None]:
 
 
 def flops_per_token(model: GPT, seq_len: int) -> float:
-    """Training FLOPs per token: 6 per multiply-add of every weight matmul (2 forward, 4 backward),
-    Kronecker layers counted by their factored multiply-adds, plus attention (nanoGPT's 12*L*d*T)."""
-    macs = 0
-    for m in model.modules():
-        if isinstance(m, KronLinear):
-            dense = m.in_features * m.out_features
-            macs += dense if getattr(m, "materialize_in_forward", False) else factored_macs(m.a_shape, m.b_shape, m.k)[0]
-        elif isinstance(m, nn.Linear):
-            macs += m.in_features * m.out_features
-    c = model.config
-    return 6.0 * macs + 12.0 * c.n_layer * c.n_embd * seq_len
+    """Training FLOPs per token: 2 per multiply-add forward, 4 backward (nanoGPT's 6N + 12LdT),
+    Kronecker and low-rank layers counted by the multiply-adds they really run."""
+    return 6.0 * model.macs_per_token(seq_len)
 
 
 def peak_flops(cfg: dict, device: torch.device) -> float | None:

@@ -1,5 +1,4 @@
 """Shared fixtures: tiny GPT-2 checkpoints built with transformers, in both on-disk layouts."""
-import json
 import os
 import sys
 

@@ -183,3 +183,16 @@ def test_cache_prefill_in_chunks_matches_one_pass(tiny_hf_dir):
         a, _ = model(idx[:, :12], cache=cache)
         b, _ = model(idx[:, 12:], cache=cache)  # several new tokens after a prefix
     torch.testing.assert_close(torch.cat([a, b], 1), full, rtol=1e-4, atol=1e-4)
+
+
+def test_macs_per_token_counts_what_each_layer_runs():
+    d, L, V, T = 768, 12, 50257, 1024
+    with torch.device("meta"):
+        dense = GPT(GPTConfig())
+        k81 = GPT(GPTConfig(mlp="kron", kron_shape=(1536, 384)))
+        low = GPT(GPTConfig(mlp="lowrank", lowrank_rank=100))
+    attn_and_head = L * (4 * d * d + 2 * d * T) + V * d
+    assert dense.macs_per_token(T) == attn_and_head + L * 8 * d * d
+    # (1536, 384) (x) (2, 2), B first is cheaper: X B^T (384*2*2), then A V (1536*384*2); c_proj the same
+    assert k81.macs_per_token(T) == attn_and_head + L * 2 * (384 * 2 * 2 + 1536 * 384 * 2)
+    assert low.macs_per_token(T) == attn_and_head + L * 2 * 100 * (d + 4 * d)
