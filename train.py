@@ -48,6 +48,11 @@ from model import GPT, GPTConfig, compress, format_report, load_checkpoint
 REPO = os.path.dirname(os.path.abspath(__file__))
 
 # Training keys and their defaults (nanoGPT's names). The model keys come from GPTConfig.
+# As in nanoGPT, the defaults are the main recipe, the pre-training of Krony-PT (paper section
+# 4.1): 24 sequences of 1024 tokens per forward, accumulation 5 (120 sequences, 122,880 tokens
+# per step), AdamW, cosine 6e-5 -> 6e-6 after 1000 warm-up steps, ~3 epochs of OpenWebText
+# (~9B tokens), bf16. Configs set only what differs.
+OWT_TOKENS = 9.0e9
 TRAIN_DEFAULTS = dict(
     # I/O
     out_dir="out",
@@ -55,7 +60,7 @@ TRAIN_DEFAULTS = dict(
     data_prepare=None,            # dict of prepare_owt.prepare() arguments: prepare data_dir if it is missing
     init_from="scratch",          # scratch | gpt2... | HF dir | resume | checkpoint path
     eval_interval=1000,
-    eval_iters=100,
+    eval_iters=200,
     eval_at_start=True,           # evaluate once before the first step (the loss right after compression)
     log_interval=10,
     always_save_checkpoint=True,  # ckpt_last.pt at every eval (False: only together with a new ckpt_best.pt)
@@ -65,11 +70,11 @@ TRAIN_DEFAULTS = dict(
     wandb_run_name="",
     wandb_mode="",                # "" (wandb's default / WANDB_MODE) | online | offline
     # data
-    batch_size=12,                # sequences per micro-step and process
-    gradient_accumulation_steps=1,  # micro-steps per optimizer step, summed over all processes
+    batch_size=24,                # sequences per micro-step and process
+    gradient_accumulation_steps=5,  # micro-steps per optimizer step, summed over all processes
     # AdamW
-    max_iters=1000,
-    learning_rate=6e-4,
+    max_iters=int(3 * OWT_TOKENS / (24 * 1024 * 5)),  # 219,726 steps = 3 epochs of OpenWebText
+    learning_rate=6e-5,
     weight_decay=0.1,
     decay_factors=True,           # weight decay on Kronecker factors A, B too (as on 2-D weights)
     beta1=0.9,
@@ -77,9 +82,9 @@ TRAIN_DEFAULTS = dict(
     grad_clip=1.0,                # 0 disables
     # learning-rate schedule: linear warm-up, then cosine down to min_lr (or constant)
     decay_lr=True,
-    warmup_iters=100,
-    lr_decay_iters=1000,
-    min_lr=6e-5,
+    warmup_iters=1000,
+    lr_decay_iters=0,             # 0: max_iters
+    min_lr=6e-6,
     # system
     device="auto",                # auto | cpu | cuda | cuda:N | mps
     dtype="bfloat16",             # bfloat16 | float16 | float32 (CPU always runs float32)
@@ -266,11 +271,12 @@ def get_lr(it: int, cfg: dict) -> float:
     """Linear warm-up over warmup_iters, then cosine from learning_rate to min_lr at lr_decay_iters."""
     if not cfg["decay_lr"]:
         return cfg["learning_rate"]
+    decay_iters = cfg["lr_decay_iters"] or cfg["max_iters"]
     if it < cfg["warmup_iters"]:
         return cfg["learning_rate"] * (it + 1) / (cfg["warmup_iters"] + 1)
-    if it >= cfg["lr_decay_iters"]:
+    if it >= decay_iters:
         return cfg["min_lr"]
-    ratio = (it - cfg["warmup_iters"]) / max(1, cfg["lr_decay_iters"] - cfg["warmup_iters"])
+    ratio = (it - cfg["warmup_iters"]) / max(1, decay_iters - cfg["warmup_iters"])
     return cfg["min_lr"] + 0.5 * (1.0 + math.cos(math.pi * ratio)) * (cfg["learning_rate"] - cfg["min_lr"])
 
 

@@ -43,6 +43,7 @@ def argv(**kw):
 def run(data_dir, out_dir, **kw):
     """train.main with a tiny, fast, deterministic base config."""
     base = dict(data_dir=data_dir, out_dir=str(out_dir), device="cpu", dtype="float32", batch_size=4,
+                gradient_accumulation_steps=1,
                 block_size=32, max_iters=20, eval_interval=10, eval_iters=2, log_interval=1,
                 learning_rate=3e-3, decay_lr=False, warmup_iters=0, eval_at_start=False)
     return train.main(argv(**{**base, **kw}))
@@ -140,7 +141,7 @@ def test_ddp_two_processes_match_single_process(data_dir, tmp_path):
 # ----------------------------------------------------------------------------- configs
 
 EXPECTED_SIZES = {          # SPEC Table 1 (with position embeddings); 92M adds its 4*2*12 scalars
-    "krony81m.py": 81_972_576, "krony81m_finetune.py": 81_972_576, "krony96m_prune.py": 96_128_304,
+    "krony81m.py": 81_972_576, "krony96m_prune.py": 96_128_304,
     "krony96m_vl.py": 96_128_304, "krony92m_4factors.py": 92_983_392 + 96,
     "krony80m_2factors.py": 80_400_048, "krony67m.py": 67_893_504,
 }
@@ -153,7 +154,21 @@ def test_paper_configs_resolve_to_their_sizes(name):
     with torch.device("meta"):
         model = GPT(GPTConfig(**mc))
     assert model.num_params() == EXPECTED_SIZES[name]
-    assert cfg["batch_size"] * cfg["gradient_accumulation_steps"] in (120, 320)
+    # the pre-training recipe of section 4.1: 120 sequences of 1024 tokens, cosine 6e-5 -> 6e-6
+    assert cfg["batch_size"] * cfg["gradient_accumulation_steps"] == 120 and cfg["block_size"] == 1024
+    assert (cfg["learning_rate"], cfg["min_lr"], cfg["decay_lr"]) == (6e-5, 6e-6, True)
+    assert 500 <= cfg["warmup_iters"] <= 1500 and cfg["init_from"] == "gpt2"
+    epochs = cfg["max_iters"] * 120 * 1024 / train.OWT_TOKENS
+    assert round(epochs) == (4 if name in ("krony67m.py", "krony80m_2factors.py") else 3)
+
+
+def test_finetune_config_is_the_big_batch_phase():
+    cfg, _ = train.resolve_config(os.path.join(ROOT, "configs", "krony81m_finetune.py"), [])
+    pre, _ = train.resolve_config(os.path.join(ROOT, "configs", "krony81m.py"), [])
+    assert cfg["init_from"] == os.path.join(pre["out_dir"], "ckpt_best.pt")   # architecture from there
+    assert cfg["batch_size"] * cfg["gradient_accumulation_steps"] == 320
+    assert cfg["learning_rate"] == 6e-6 and cfg["decay_lr"] is False
+    assert round(cfg["max_iters"] * 320 * 1024 / train.OWT_TOKENS) == 1
 
 
 def test_every_config_file_resolves():
