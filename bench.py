@@ -354,19 +354,11 @@ def bench_data(args) -> dict:
     docs = [p for p in text.split("\n\n") if p.strip()] * repeat
     if args.quick:
         docs = docs[:2000]
-    try:
-        from prepare_owt import tokenize_batch
-        source = "prepare_owt.tokenize_batch (tiktoken GPT-2 BPE, one process)"
+    from prepare_owt import tokenize_batch
+    source = "prepare_owt.tokenize_batch (tiktoken GPT-2 BPE, one process)"
 
-        def encode(batch: list[str]) -> int:
-            return sum(tokenize_batch({"text": batch}, "text")["len"])
-    except ImportError as e:
-        import tiktoken
-        enc = tiktoken.get_encoding("gpt2")
-        source = f"tiktoken encode_ordinary_batch directly (prepare_owt.py unavailable: {e})"
-
-        def encode(batch: list[str]) -> int:
-            return sum(len(ids) + 1 for ids in enc.encode_ordinary_batch(batch, num_threads=1))
+    def encode(batch: list[str]) -> int:
+        return sum(tokenize_batch({"text": batch}, "text")["len"])
     encode(docs[:100])                             # warm-up: loads the BPE ranks
     t0 = time.perf_counter()
     tokens = sum(encode(docs[i:i + 1024]) for i in range(0, len(docs), 1024))

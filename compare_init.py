@@ -38,10 +38,10 @@ def load_tokens(path: str) -> np.ndarray:
         raise FileNotFoundError(f"no data file {path}: pass a token .bin (prepare_owt.py) or a text file")
     if path.endswith(".bin"):
         return np.memmap(path, dtype=np.uint16, mode="r")
-    import tiktoken
+    from prepare_owt import gpt2_encoding
     with open(path, encoding="utf-8") as f:
         text = f.read()
-    return np.array(tiktoken.get_encoding("gpt2").encode_ordinary(text), dtype=np.int64)
+    return np.array(gpt2_encoding().encode_ordinary(text), dtype=np.int64)
 
 
 def eval_windows(tokens: np.ndarray, n_windows: int, block_size: int) -> torch.Tensor:
@@ -174,7 +174,7 @@ def main(argv: list[str] | None = None) -> None:
     args = p.parse_args(argv)
     try:
         records = compare(args)
-    except (ValueError, FileNotFoundError) as e:
+    except (ValueError, FileNotFoundError, RuntimeError) as e:  # RuntimeError: offline tokenizer, hub
         p.exit(2, f"error: {e}\n")
     print(format_table(records))
     if args.out:

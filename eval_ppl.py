@@ -111,8 +111,9 @@ def read_data_file(path: str) -> list[str]:
 
 
 def get_encoder():
-    import tiktoken
-    return tiktoken.get_encoding("gpt2")
+    """GPT-2 BPE, with prepare_owt's clear error when tiktoken's files cannot be had offline."""
+    from prepare_owt import gpt2_encoding
+    return gpt2_encoding()
 
 
 def tokenize_joined(rows: list[str], enc) -> list[int]:
