@@ -157,7 +157,11 @@ def bench_layers(args) -> list[dict]:
                              materialised_ms=1e3 * t["materialised"], einsum_ms=1e3 * t["einsum"],
                              speedup=speedup, fraction_of_limit=speedup / limit,
                              vs_materialised=t["materialised"] / t["kron"],
-                             einsum_speedup=t["dense"] / t["einsum"]))
+                             einsum_speedup=t["dense"] / t["einsum"],
+                             # forward + backward is 3x the forward multiply-adds, 2 FLOPs each:
+                             # % of limit = kron GFLOP/s / dense GFLOP/s (kernel efficiency)
+                             dense_gflops=6 * in_f * out_f * args.tokens / t["dense"] / 1e9,
+                             kron_gflops=6 * macs * args.tokens / t["kron"] / 1e9))
             print(f"  {matrix} A{kron.a_shape} B{kron.b_shape} k={k}: {speedup:.2f}x (limit {limit:.2f})",
                   file=sys.stderr, flush=True)
     return rows
@@ -165,12 +169,12 @@ def bench_layers(args) -> list[dict]:
 
 def layer_table(rows: list[dict]) -> str:
     lines = ["| matrix | A | B | k | path | limit | dense ms | kron ms | speed-up | % of limit "
-             "| vs materialised | einsum speed-up |", "|" + "---|" * 12]
+             "| vs materialised | einsum speed-up | dense GFLOP/s | kron GFLOP/s |", "|" + "---|" * 14]
     for r in rows:
         lines.append(f"| {r['matrix']} | {tuple(r['a_shape'])} | {tuple(r['b_shape'])} | {r['k']} | {r['path']} "
                      f"| {r['limit']:.2f} | {r['dense_ms']:.1f} | {r['kron_ms']:.1f} | {r['speedup']:.2f}x "
                      f"| {100 * r['fraction_of_limit']:.0f}% | {r['vs_materialised']:.2f}x "
-                     f"| {r['einsum_speedup']:.2f}x |")
+                     f"| {r['einsum_speedup']:.2f}x | {r['dense_gflops']:.0f} | {r['kron_gflops']:.0f} |")
     return "\n".join(lines)
 
 
@@ -390,7 +394,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="tokens per layer micro-batch (default 2048 on CPU, 24*1024 on CUDA)")
     p.add_argument("--batch", type=int, default=None, help="model section: sequences per step (default 1 CPU, 12 CUDA)")
     p.add_argument("--seq", type=int, default=None, help="model section: tokens per sequence (default 256 CPU, 1024 CUDA)")
-    p.add_argument("--repeats", type=int, default=None, help="timed repeats per figure (median; default 7)")
+    p.add_argument("--repeats", type=int, default=None,
+                   help="timed repeats per figure (median; default 15: fewer lets host noise through)")
     p.add_argument("--warmup", type=int, default=2, help="untimed calls before timing")
     p.add_argument("--corpus", default=os.path.join(os.path.dirname(REPO), "shared", "data", "tinyshakespeare.txt"))
     p.add_argument("--corpus-repeat", type=int, default=8, help="data section: how many times to repeat the corpus")
@@ -404,8 +409,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args.tokens = args.tokens or (64 if args.quick else 24 * 1024 if cuda else 2048)
     args.batch = args.batch or (1 if args.quick or not cuda else 12)
     args.seq = args.seq or (32 if args.quick else 1024 if cuda else 256)
-    args.repeats = args.repeats or (1 if args.quick else 7)
-    args.model_repeats = 1 if args.quick else min(args.repeats, 5 if cuda else 4)
+    args.repeats = args.repeats or (1 if args.quick else 15)
+    args.model_repeats = 1 if args.quick else min(args.repeats, 5 if cuda else 8)
     if args.quick:
         args.warmup = min(args.warmup, 1)
     args.section_list = [s.strip() for s in args.sections.split(",") if s.strip()]

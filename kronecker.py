@@ -218,9 +218,11 @@ def kron_matmul_a_first(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor) -> to
     k, m1, n1 = A.shape
     _, m2, n2 = B.shape
     N = x.shape[0]
-    Xt = x.view(N, n1, n2).transpose(1, 2).reshape(N * n2, n1)          # (N*n2, n1); copy unless n2 == 1
+    # .contiguous(): where N or n2 is 1 the reshapes are strided views, which BLAS
+    # multiplies several times slower than a copy costs (one-token decoding)
+    Xt = x.view(N, n1, n2).transpose(1, 2).reshape(N * n2, n1).contiguous()  # (N*n2, n1)
     U = Xt @ A.reshape(k * m1, n1).t()                                  # (N*n2, k*m1)
-    U = U.view(N, n2, k, m1).permute(0, 3, 2, 1).reshape(N * m1, k * n2)  # (N*m1, k*n2)
+    U = U.view(N, n2, k, m1).permute(0, 3, 2, 1).reshape(N * m1, k * n2).contiguous()  # (N*m1, k*n2)
     Y = U @ B.transpose(1, 2).reshape(k * n2, m2)                       # (N*m1, m2), summed over i
     return Y.view(N, m1 * m2)
 
@@ -231,7 +233,7 @@ def kron_matmul_b_first(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor) -> to
     _, m2, n2 = B.shape
     N = x.shape[0]
     V = x.reshape(N * n1, n2) @ B.reshape(k * m2, n2).t()               # (N*n1, k*m2), no input copy
-    V = V.view(N, n1, k, m2).permute(0, 3, 2, 1).reshape(N * m2, k * n1)  # (N*m2, k*n1)
+    V = V.view(N, n1, k, m2).permute(0, 3, 2, 1).reshape(N * m2, k * n1).contiguous()  # (N*m2, k*n1)
     Yt = V @ A.transpose(1, 2).reshape(k * n1, m1)                      # (N*m2, m1), summed over i
     return Yt.view(N, m2, m1).transpose(1, 2).reshape(N, m1 * m2)       # (N, m1*m2); free if m2 == 1
 

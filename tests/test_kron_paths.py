@@ -74,6 +74,17 @@ def test_paths_match_dense(b_class, transpose, path):
 
 
 @pytest.mark.parametrize("path", KRON_PATHS)
+@pytest.mark.parametrize("k", [1, 2])
+def test_paths_single_token(path, k):
+    """One-token decoding: there the reshapes inside the factored paths are strided views
+    rather than copies (and are made contiguous for speed); the result must not change."""
+    for b_class in [(2, 2), (4, 1), (48, 24)]:
+        in_f, out_f, a_shape = SMALL[b_class]
+        for i, o, a in [(in_f, out_f, a_shape), (out_f, in_f, a_shape[::-1])]:
+            check_path(make_layer(i, o, a, k, scalars=k > 1, bias=True), path, lead=(1, 1))
+
+
+@pytest.mark.parametrize("path", KRON_PATHS)
 @pytest.mark.parametrize("k,scalars,bias", [(2, True, True), (3, False, False), (4, True, False)])
 def test_paths_several_factors(path, k, scalars, bias):
     for in_f, out_f, a_shape in [(24, 96, (32, 8)), (96, 24, (8, 32)), (48, 96, (2, 2))]:
@@ -152,6 +163,9 @@ def test_bench_quick_end_to_end(tmp_path):
     assert len(rows) == 6 and {r["matrix"] for r in rows} == {"c_fc", "c_proj"}
     for r in rows:
         assert r["limit"] > 1 and r["dense_ms"] > 0 and r["kron_ms"] > 0 and r["speedup"] > 0
+        # the kernel rates count the same work as the limit: their ratio is the fraction of it
+        assert r["kron_gflops"] / r["dense_gflops"] == pytest.approx(r["fraction_of_limit"], rel=1e-9)
+        assert r["dense_gflops"] == pytest.approx(6 * r["tokens"] * 768 * 3072 / (r["dense_ms"] / 1e3) / 1e9)
     assert [r["model"] for r in res["model"]["rows"]] == ["gpt2-124M", "krony-81M", "krony-96M", "krony-92M-4f"]
     assert all(r["tokens_per_s"] > 0 and r["peak_rss_mb"] > 0 for r in res["model"]["rows"])
     assert res["model"]["rows"][0]["arith_limit"] == 1.0
