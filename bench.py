@@ -36,7 +36,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from kronecker import KronLinear, factored_macs
+from kronecker import KronLinear, factored_macs, frozen_kron_weights
 from model import GPT, GPTConfig, KVCache
 
 REPO = os.path.dirname(os.path.abspath(__file__))
@@ -304,7 +304,7 @@ def model_table(res: dict, device: str) -> str:
 def bench_generate(args) -> list[dict]:
     contexts = (16, 48) if args.quick else (64, 512)
     rows = []
-    for name in ("gpt2-124M", "krony-81M"):
+    for name in ("gpt2-124M", "krony-81M", "krony-92M-4f"):
         torch.manual_seed(0)
         config = model_config(name, args.quick)
         model = GPT(config).to(args.device).eval()
@@ -320,7 +320,8 @@ def bench_generate(args) -> list[dict]:
                 with autocast(args.device, args.dtype):
                     model(tok, cache=cache)
             fns[ctx] = decode
-        t = race(fns, args.repeats * 4, args.warmup, args.device)
+        with frozen_kron_weights(model):            # as generate() does: W built once
+            t = race(fns, args.repeats * 4, args.warmup, args.device)
         prompt = torch.randint(0, config.vocab_size, (1, contexts[0]), device=args.device)
         n_new = 16 if args.quick else 64
         t0 = time.perf_counter()

@@ -19,6 +19,7 @@ as an (n1, n2) matrix X (row-major), (A (x) B) x = vec(A X B^T).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import math
 import sys
 from dataclasses import dataclass
@@ -200,6 +201,10 @@ def factored_macs(a_shape: tuple[int, int], b_shape: tuple[int, int], k: int = 1
 # weight (measured with `python bench.py --sections layer`, CPU and GPU).
 MIN_FACTORED_SPEEDUP = 1.25
 KRON_PATHS = ("materialised", "a_first", "b_first")
+# Up to this many input rows (decoding a few sequences), the GEMM with the big factor A
+# runs with A as the left operand: BLAS streams a big matrix against a few rows 1.5-3x
+# faster that way round, and ~10% slower at training batch sizes (bench.py).
+FEW_ROWS = 8
 
 
 def kron_path(a_shape: tuple[int, int], b_shape: tuple[int, int], k: int = 1) -> str:
@@ -221,7 +226,10 @@ def kron_matmul_a_first(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor) -> to
     # .contiguous(): where N or n2 is 1 the reshapes are strided views, which BLAS
     # multiplies several times slower than a copy costs (one-token decoding)
     Xt = x.view(N, n1, n2).transpose(1, 2).reshape(N * n2, n1).contiguous()  # (N*n2, n1)
-    U = Xt @ A.reshape(k * m1, n1).t()                                  # (N*n2, k*m1)
+    if N <= FEW_ROWS:
+        U = (A.reshape(k * m1, n1) @ Xt.t()).t()                        # (N*n2, k*m1), a view
+    else:
+        U = Xt @ A.reshape(k * m1, n1).t()                              # (N*n2, k*m1)
     U = U.view(N, n2, k, m1).permute(0, 3, 2, 1).reshape(N * m1, k * n2).contiguous()  # (N*m1, k*n2)
     Y = U @ B.transpose(1, 2).reshape(k * n2, m2)                       # (N*m1, m2), summed over i
     return Y.view(N, m1 * m2)
@@ -234,7 +242,10 @@ def kron_matmul_b_first(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor) -> to
     N = x.shape[0]
     V = x.reshape(N * n1, n2) @ B.reshape(k * m2, n2).t()               # (N*n1, k*m2), no input copy
     V = V.view(N, n1, k, m2).permute(0, 3, 2, 1).reshape(N * m2, k * n1).contiguous()  # (N*m2, k*n1)
-    Yt = V @ A.transpose(1, 2).reshape(k * n1, m1)                      # (N*m2, m1), summed over i
+    if N <= FEW_ROWS:
+        Yt = (A.transpose(0, 1).reshape(m1, k * n1) @ V.t()).t()        # (N*m2, m1), a view
+    else:
+        Yt = V @ A.transpose(1, 2).reshape(k * n1, m1)                  # (N*m2, m1), summed over i
     return Yt.view(N, m2, m1).transpose(1, 2).reshape(N, m1 * m2)       # (N, m1*m2); free if m2 == 1
 
 
@@ -260,6 +271,7 @@ class KronLinear(nn.Module):
         # "a_first" | "b_first" | "materialised", fixed by the shape (see kron_path);
         # a plain attribute so tests and benchmarks can force another path.
         self.path = kron_path(self.a_shape, self.b_shape, k)
+        self.frozen_weight: torch.Tensor | None = None      # set by frozen_kron_weights
         nn.init.normal_(self.A, std=0.02)
         nn.init.normal_(self.B, std=0.02)
 
@@ -284,7 +296,9 @@ class KronLinear(nn.Module):
 
     def forward_kron(self, x: torch.Tensor) -> torch.Tensor:
         if self.path == "materialised":
-            return F.linear(x, self.materialize().to(x.dtype), self.bias)
+            frozen = self.frozen_weight is not None and not torch.is_grad_enabled()
+            W = self.frozen_weight if frozen else self.materialize()
+            return F.linear(x, W.to(x.dtype), self.bias)
         A, B = self.A, self.B
         if self.scalars is not None:
             B = B * self.scalars.view(-1, 1, 1)                # s_i A_i (x) B_i = A_i (x) (s_i B_i)
@@ -346,6 +360,24 @@ class KronLinear(nn.Module):
             with torch.no_grad():
                 layer.bias.copy_(linear.bias)
         return layer
+
+
+@contextlib.contextmanager
+def frozen_kron_weights(model: nn.Module):
+    """Within this block, KronLinear layers on the materialised path build W once instead of
+    on every forward without gradients. Decoding needs it: rebuilding W for each new token
+    makes Krony-92M (4 factors) 3x slower than dense GPT-2. The factors must not change
+    inside the block; forwards that need gradients still use the live factors."""
+    layers = [m for m in model.modules() if isinstance(m, KronLinear) and m.path == "materialised"]
+    outer = [m.frozen_weight for m in layers]          # blocks may nest
+    try:
+        with torch.no_grad():
+            for m in layers:
+                m.frozen_weight = m.materialize()
+        yield model
+    finally:
+        for m, w in zip(layers, outer):
+            m.frozen_weight = w
 
 
 def prune_factors(W: torch.Tensor, a_shape: tuple[int, int],

@@ -21,7 +21,7 @@ import torch
 import torch.nn as nn
 from torch.nn import functional as F
 
-from kronecker import INITS, KronLinear
+from kronecker import INITS, KronLinear, frozen_kron_weights
 from lowrank import LowRankLinear, SharedBasisLinear, init_shared_group, tie_bases
 
 MLP_KINDS = ("dense", "kron", "lowrank", "shared")   # also the methods a compress target may use
@@ -448,21 +448,23 @@ class GPT(nn.Module):
 
         With the KV cache each new token costs one position. When the context
         reaches block_size, the cache is rebuilt from the last block_size // 2
-        tokens (a sliding window), so generation can run past block_size."""
+        tokens (a sliding window), so generation can run past block_size. Kronecker
+        layers that run on a materialised weight build it once, not once per token."""
         cache = None
-        for _ in range(max_new_tokens):
-            if not use_cache:
-                logits, _ = self(idx[:, -self.config.block_size:])
-            else:
-                if cache is None or cache.pos >= self.config.block_size:
-                    keep = idx[:, -self.config.block_size:] if cache is None \
-                        else idx[:, -(self.config.block_size // 2):]
-                    cache = KVCache(self.config, idx.size(0), idx.device, self.lm_head.weight.dtype)
-                    logits, _ = self(keep, cache=cache)
+        with frozen_kron_weights(self):
+            for _ in range(max_new_tokens):
+                if not use_cache:
+                    logits, _ = self(idx[:, -self.config.block_size:])
                 else:
-                    logits, _ = self(idx[:, -1:], cache=cache)
-            idx_next = sample_next(logits[:, -1, :], temperature, top_k, top_p, generator)
-            idx = torch.cat((idx, idx_next), dim=1)
+                    if cache is None or cache.pos >= self.config.block_size:
+                        keep = idx[:, -self.config.block_size:] if cache is None \
+                            else idx[:, -(self.config.block_size // 2):]
+                        cache = KVCache(self.config, idx.size(0), idx.device, self.lm_head.weight.dtype)
+                        logits, _ = self(keep, cache=cache)
+                    else:
+                        logits, _ = self(idx[:, -1:], cache=cache)
+                idx_next = sample_next(logits[:, -1, :], temperature, top_k, top_p, generator)
+                idx = torch.cat((idx, idx_next), dim=1)
         return idx
 
 

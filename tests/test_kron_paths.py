@@ -9,7 +9,7 @@ import sys
 import pytest
 import torch
 
-from kronecker import KRON_PATHS, KronLinear, kron_path
+from kronecker import FEW_ROWS, KRON_PATHS, KronLinear, kron_path
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -77,7 +77,9 @@ def test_paths_match_dense(b_class, transpose, path):
 @pytest.mark.parametrize("k", [1, 2])
 def test_paths_single_token(path, k):
     """One-token decoding: there the reshapes inside the factored paths are strided views
-    rather than copies (and are made contiguous for speed); the result must not change."""
+    rather than copies (made contiguous for speed), and the big GEMM runs the other way round
+    (rows <= FEW_ROWS); the result and the gradients must not change."""
+    assert 1 <= FEW_ROWS < 3 * 5                # this test and check_path's default cover both sides
     for b_class in [(2, 2), (4, 1), (48, 24)]:
         in_f, out_f, a_shape = SMALL[b_class]
         for i, o, a in [(in_f, out_f, a_shape), (out_f, in_f, a_shape[::-1])]:
@@ -123,11 +125,12 @@ def compiler_available() -> str | None:
 
 @pytest.mark.skipif(compiler_available() is not None, reason=str(compiler_available()))
 @pytest.mark.parametrize("path", KRON_PATHS)
-def test_compile_fullgraph_matches_eager(path):
+@pytest.mark.parametrize("lead", [(2, 7), (1, 1)], ids=["batch", "one-token"])   # both sides of FEW_ROWS
+def test_compile_fullgraph_matches_eager(path, lead):
     torch._dynamo.reset()
     layer = make_layer(24, 96, (32, 8), 2, scalars=True, bias=True)
     layer.path = path
-    x = torch.randn(2, 7, 24, requires_grad=True)
+    x = torch.randn(*lead, 24, requires_grad=True)
     compiled = torch.compile(layer, fullgraph=True)       # fails on any graph break
     y = compiled(x)
     y_eager = layer(x)
@@ -169,6 +172,7 @@ def test_bench_quick_end_to_end(tmp_path):
     assert [r["model"] for r in res["model"]["rows"]] == ["gpt2-124M", "krony-81M", "krony-96M", "krony-92M-4f"]
     assert all(r["tokens_per_s"] > 0 and r["peak_rss_mb"] > 0 for r in res["model"]["rows"])
     assert res["model"]["rows"][0]["arith_limit"] == 1.0
+    assert [r["model"] for r in res["generate"]["rows"]] == ["gpt2-124M", "krony-81M", "krony-92M-4f"]
     assert all(r["flatness"] > 0 for r in res["generate"]["rows"])
     assert res["data"]["tokens"] > 1000 and res["data"]["tokens_per_s"] > 0
     assert "| speed-up |" in proc.stdout and "wrote" in proc.stdout

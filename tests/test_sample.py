@@ -9,6 +9,7 @@ import torch
 import sample
 from conftest import ROOT, TIKTOKEN_CACHE
 from export_hf import export
+from kronecker import KronLinear, frozen_kron_weights
 from model import GPT
 
 
@@ -61,6 +62,36 @@ def test_generation_past_block_size_slides_the_context(tiny_hf_dir):
     plain = model.generate(idx, n, temperature=0, use_cache=False)
     assert plain.shape == cached.shape
     assert torch.equal(plain[:, :block + 1], cached[:, :block + 1])
+
+
+def test_generation_builds_a_materialised_weight_once(tiny_hf_dir, monkeypatch):
+    model = GPT.from_pretrained(tiny_hf_dir, mlp="kron", kron_shape=(32, 8), kron_factors=2).eval()
+    layers = [m for m in model.modules() if isinstance(m, KronLinear)]
+    for m in layers:
+        m.path = "materialised"                     # the path of Krony-92M (4 factors of (3, 3))
+    torch.manual_seed(2)
+    idx = torch.randint(0, 50257, (2, 6))
+    n = 12
+    seq = idx                                       # reference: full forwards, W rebuilt each time
+    with torch.no_grad():
+        for _ in range(n):
+            logits, _ = model(seq)
+            seq = torch.cat([seq, logits[:, -1].argmax(-1, keepdim=True)], dim=1)
+    calls = []
+    build = KronLinear.materialize
+    monkeypatch.setattr(KronLinear, "materialize", lambda self: calls.append(self) or build(self))
+    out = model.generate(idx, n, temperature=0)
+    assert torch.equal(out, seq)
+    assert len(calls) == len(layers)                # once per layer, not once per token
+    assert all(m.frozen_weight is None for m in layers)
+    # a forward that needs gradients inside the block still trains the live factors; blocks nest
+    with frozen_kron_weights(model):
+        model.generate(idx, 2, temperature=0)
+        assert all(m.frozen_weight is not None for m in layers)
+        _, loss = model(idx, idx)
+        loss.backward()
+    assert all(m.frozen_weight is None for m in layers)
+    assert all(m.A.grad is not None and m.A.grad.abs().sum() > 0 for m in layers)
 
 
 def test_sampling_is_seeded_and_top_k_1_is_greedy(tiny_hf_dir, tiktoken_gpt2):
