@@ -35,6 +35,8 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from kronecker import frozen_kron_weights
+
 # name -> (hub dataset, config, split)
 DATASETS = {
     "wikitext-103": ("Salesforce/wikitext", "wikitext-103-v1", "test"),
@@ -292,7 +294,16 @@ def load_model(spec: str, device: str = "cpu"):
 def evaluate(model, model_name: str, dataset: str, rows: list[str], enc, protocol: str = "paper",
              context: int | None = None, stride: int | None = None, batch_size: int = 8,
              device: str = "cpu", dtype: torch.dtype = torch.float32, limit_tokens: int | None = None) -> dict:
-    """One result record: perplexity (and LAMBADA accuracy) of one model on one dataset's rows."""
+    """One result record: perplexity (and LAMBADA accuracy) of one model on one dataset's rows.
+    Kronecker layers on the materialised path build W once here, not once per batch."""
+    with frozen_kron_weights(model):
+        return _evaluate(model, model_name, dataset, rows, enc, protocol, context, stride, batch_size,
+                         device, dtype, limit_tokens)
+
+
+def _evaluate(model, model_name: str, dataset: str, rows: list[str], enc, protocol: str, context: int | None,
+              stride: int | None, batch_size: int, device: str, dtype: torch.dtype,
+              limit_tokens: int | None) -> dict:
     tokens = tokenize_joined(rows, enc)
     if limit_tokens:
         tokens = tokens[:limit_tokens]
