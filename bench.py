@@ -302,35 +302,41 @@ def model_table(res: dict, device: str) -> str:
 
 @torch.no_grad()
 def bench_generate(args) -> list[dict]:
+    """All models' decoding steps are timed in one interleaved race, so host noise hits all alike."""
     contexts = (16, 48) if args.quick else (64, 512)
-    rows = []
-    for name in ("gpt2-124M", "krony-81M", "krony-92M-4f"):
+    names = ("gpt2-124M", "krony-81M", "krony-92M-4f")
+    models, fns = {}, {}
+    for name in names:
         torch.manual_seed(0)
         config = model_config(name, args.quick)
-        model = GPT(config).to(args.device).eval()
-        fns = {}
+        model = models[name] = GPT(config).to(args.device).eval()
         for ctx in contexts:
             cache = KVCache(config, 1, args.device, torch.float32)
             with autocast(args.device, args.dtype):
                 model(torch.randint(0, config.vocab_size, (1, ctx), device=args.device), cache=cache)
             tok = torch.randint(0, config.vocab_size, (1, 1), device=args.device)
 
-            def decode(cache=cache, ctx=ctx, tok=tok) -> None:
+            def decode(model=model, cache=cache, ctx=ctx, tok=tok) -> None:
                 cache.pos = ctx                     # always the same context: one new token after ctx
                 with autocast(args.device, args.dtype):
                     model(tok, cache=cache)
-            fns[ctx] = decode
-        with frozen_kron_weights(model):            # as generate() does: W built once
-            t = race(fns, args.repeats * 4, args.warmup, args.device)
-        prompt = torch.randint(0, config.vocab_size, (1, contexts[0]), device=args.device)
+            fns[name, ctx] = decode
+    with contextlib.ExitStack() as frozen:
+        for model in models.values():           # as generate() does: a materialised W built once
+            frozen.enter_context(frozen_kron_weights(model))
+        t = race(fns, args.repeats * 4, args.warmup, args.device)
+    rows = []
+    for name, model in models.items():
+        prompt = torch.randint(0, model.config.vocab_size, (1, contexts[0]), device=args.device)
         n_new = 16 if args.quick else 64
         t0 = time.perf_counter()
         with autocast(args.device, args.dtype):
             model.generate(prompt, n_new, temperature=0)
         sync(args.device)
         gen_tps = n_new / (time.perf_counter() - t0)
-        rows.append(dict(model=name, ms_per_token={str(c): 1e3 * t[c] for c in contexts},
-                         flatness=t[contexts[1]] / t[contexts[0]], generate_tokens_per_s=gen_tps))
+        ms = {str(c): 1e3 * t[name, c] for c in contexts}
+        rows.append(dict(model=name, ms_per_token=ms, flatness=t[name, contexts[1]] / t[name, contexts[0]],
+                         generate_tokens_per_s=gen_tps))
     for r in rows:
         r["speedup"] = rows[0]["ms_per_token"][str(contexts[0])] / r["ms_per_token"][str(contexts[0])]
     return rows

@@ -214,6 +214,26 @@ def kron_path(a_shape: tuple[int, int], b_shape: tuple[int, int], k: int = 1) ->
     return order if m1 * m2 * n1 * n2 >= MIN_FACTORED_SPEEDUP * macs else "materialised"
 
 
+def thin_group(row_factor: int, K: int, M: int) -> int:
+    """How many rows thin_matmul multiplies at once for an (R, K) @ (K, M) product whose R is a
+    multiple of row_factor: the largest g <= 8 dividing row_factor with g * max(K, M) <= 16,
+    when K and M are both at most 4 (B of 2x2, 3x3, 4x1); 1 otherwise, and for M == 1."""
+    if M == 1 or max(K, M) > 4:
+        return 1
+    return next(g for g in range(8, 0, -1) if row_factor % g == 0 and g * max(K, M) <= 16)
+
+
+def thin_matmul(x: torch.Tensor, w: torch.Tensor, group: int) -> torch.Tensor:
+    """x (R, K) @ w (K, M) for a tiny w. BLAS runs an (R, 3) @ (3, 3) product far below its
+    speed, so g consecutive rows go through g copies of w on a block diagonal at once:
+    (R/g, g*K) @ (g*K, g*M). That is g times the multiply-adds of a step that has very few,
+    and 5-10x faster (the layer is 5-15% faster; bench.py)."""
+    if group == 1:
+        return x @ w
+    R, K = x.shape
+    return (x.reshape(R // group, group * K) @ torch.block_diag(*[w] * group)).view(R, w.shape[1])
+
+
 def kron_matmul_a_first(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
     """x (N, n1*n2) -> (N, m1*m2) = x (sum_i A_i (x) B_i)^T as two plain GEMMs, A first.
 
@@ -231,7 +251,8 @@ def kron_matmul_a_first(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor) -> to
     else:
         U = Xt @ A.reshape(k * m1, n1).t()                              # (N*n2, k*m1)
     U = U.view(N, n2, k, m1).permute(0, 3, 2, 1).reshape(N * m1, k * n2).contiguous()  # (N*m1, k*n2)
-    Y = U @ B.transpose(1, 2).reshape(k * n2, m2)                       # (N*m1, m2), summed over i
+    Bt = B.transpose(1, 2).reshape(k * n2, m2)                         # (k*n2, m2)
+    Y = thin_matmul(U, Bt, thin_group(m1, k * n2, m2))                  # (N*m1, m2), summed over i
     return Y.view(N, m1 * m2)
 
 
@@ -240,7 +261,8 @@ def kron_matmul_b_first(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor) -> to
     k, m1, n1 = A.shape
     _, m2, n2 = B.shape
     N = x.shape[0]
-    V = x.reshape(N * n1, n2) @ B.reshape(k * m2, n2).t()               # (N*n1, k*m2), no input copy
+    Bt = B.reshape(k * m2, n2).t()                                      # (n2, k*m2)
+    V = thin_matmul(x.reshape(N * n1, n2), Bt, thin_group(n1, n2, k * m2))  # (N*n1, k*m2), no input copy
     V = V.view(N, n1, k, m2).permute(0, 3, 2, 1).reshape(N * m2, k * n1).contiguous()  # (N*m2, k*n1)
     if N <= FEW_ROWS:
         Yt = (A.transpose(0, 1).reshape(m1, k * n1) @ V.t()).t()        # (N*m2, m1), a view

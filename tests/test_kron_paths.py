@@ -9,7 +9,7 @@ import sys
 import pytest
 import torch
 
-from kronecker import FEW_ROWS, KRON_PATHS, KronLinear, kron_path
+from kronecker import FEW_ROWS, KRON_PATHS, KronLinear, kron_path, thin_group, thin_matmul
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -112,6 +112,21 @@ def test_path_choice_is_static_and_sensible():
     assert kron_path((1024, 256), (3, 3), k=4) == "materialised"
     layer = KronLinear(768, 3072, (3072, 768))
     assert layer.path == "materialised"
+
+
+def test_thin_matmul_groups_rows_of_tiny_products():
+    # B of 3x3 as c_fc's first step (row factor n1 = 256), 2x2 (n1 = 384), 4x1 as an outer product
+    assert [thin_group(256, 3, 3), thin_group(384, 2, 2), thin_group(768, 1, 4)] == [4, 8, 4]
+    # no grouping: a matrix-vector product (M = 1), wide factors, a row factor with no divisor
+    assert [thin_group(768, 4, 1), thin_group(32, 24, 48), thin_group(7, 3, 3)] == [1, 1, 1]
+    torch.manual_seed(0)
+    x, w = torch.randn(24, 3, requires_grad=True), torch.randn(3, 3, requires_grad=True)
+    for g in (1, 2, 4, 8):
+        y = thin_matmul(x, w, g)
+        torch.testing.assert_close(y, x @ w)
+        gx, gw = torch.autograd.grad(y, (x, w), torch.ones_like(y))
+        torch.testing.assert_close(gx, torch.ones(24, 3) @ w.t())
+        torch.testing.assert_close(gw, x.t() @ torch.ones(24, 3))
 
 
 def compiler_available() -> str | None:
