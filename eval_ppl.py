@@ -179,15 +179,16 @@ def window_losses(model, tokens: list[int], windows: list[Window], batch_size: i
     for i, w in enumerate(windows):
         by_length.setdefault(w.end - w.begin, []).append(i)
     batches = [ids[j:j + batch_size] for ids in by_length.values() for j in range(0, len(ids), batch_size)]
-    for ids in tqdm(batches, desc=desc, unit="batch", leave=False, disable=len(batches) < 2):
-        x = torch.stack([data[windows[i].begin:windows[i].end - 1] for i in ids]).to(device)  # (B, L-1)
-        y = torch.stack([data[windows[i].begin + 1:windows[i].end] for i in ids]).to(device)  # (B, L-1)
-        with autocast_for(device, dtype):
-            logits, _ = model(x)
-        nll = F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), reduction="none").view(y.shape)  # (B, L-1)
-        for row, i in enumerate(ids):
-            n = windows[i].n_score
-            out[i] = (nll[row, -n:].sum().item(), n)
+    with frozen_kron_weights(model):   # a materialised Kronecker W built once, not per batch
+        for ids in tqdm(batches, desc=desc, unit="batch", leave=False, disable=len(batches) < 2):
+            x = torch.stack([data[windows[i].begin:windows[i].end - 1] for i in ids]).to(device)  # (B, L-1)
+            y = torch.stack([data[windows[i].begin + 1:windows[i].end] for i in ids]).to(device)  # (B, L-1)
+            with autocast_for(device, dtype):
+                logits, _ = model(x)
+            nll = F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), reduction="none").view(y.shape)  # (B, L-1)
+            for row, i in enumerate(ids):
+                n = windows[i].n_score
+                out[i] = (nll[row, -n:].sum().item(), n)
     return out
 
 
@@ -246,22 +247,23 @@ def lambada_accuracy(model, texts: list[str], enc, batch_size: int = 8, device: 
     block = model.config.block_size
     correct, word_nll = 0, 0.0
     batches = [examples[j:j + batch_size] for j in range(0, len(examples), batch_size)]
-    for batch in tqdm(batches, desc=desc, unit="batch", leave=False, disable=len(batches) < 2):
-        seqs = [(ctx + word)[:-1][-block:] for ctx, word in batch]   # inputs; targets are their shifts
-        T = max(len(s) for s in seqs)
-        # right padding: causal attention keeps the real positions unaffected by the pad
-        x = torch.zeros(len(seqs), T, dtype=torch.long)
-        for row, s in enumerate(seqs):
-            x[row, :len(s)] = torch.tensor(s)
-        with autocast_for(device, dtype):
-            logits, _ = model(x.to(device))
-        logits = logits.float()
-        for row, ((_, word), s) in enumerate(zip(batch, seqs)):
-            n = len(word)
-            pred = logits[row, len(s) - n:len(s)]                    # (n, vocab): predictions of the word
-            target = torch.tensor(word, device=pred.device)
-            correct += int(torch.equal(pred.argmax(-1), target))
-            word_nll += F.cross_entropy(pred, target, reduction="sum").item()
+    with frozen_kron_weights(model):   # a materialised Kronecker W built once, not per batch
+        for batch in tqdm(batches, desc=desc, unit="batch", leave=False, disable=len(batches) < 2):
+            seqs = [(ctx + word)[:-1][-block:] for ctx, word in batch]   # inputs; targets are their shifts
+            T = max(len(s) for s in seqs)
+            # right padding: causal attention keeps the real positions unaffected by the pad
+            x = torch.zeros(len(seqs), T, dtype=torch.long)
+            for row, s in enumerate(seqs):
+                x[row, :len(s)] = torch.tensor(s)
+            with autocast_for(device, dtype):
+                logits, _ = model(x.to(device))
+            logits = logits.float()
+            for row, ((_, word), s) in enumerate(zip(batch, seqs)):
+                n = len(word)
+                pred = logits[row, len(s) - n:len(s)]                    # (n, vocab): predictions of the word
+                target = torch.tensor(word, device=pred.device)
+                correct += int(torch.equal(pred.argmax(-1), target))
+                word_nll += F.cross_entropy(pred, target, reduction="sum").item()
     return {"accuracy": correct / len(examples), "examples": len(examples), "correct": correct,
             "last_word_ppl": math.exp(word_nll / len(examples))}
 
@@ -294,16 +296,7 @@ def load_model(spec: str, device: str = "cpu"):
 def evaluate(model, model_name: str, dataset: str, rows: list[str], enc, protocol: str = "paper",
              context: int | None = None, stride: int | None = None, batch_size: int = 8,
              device: str = "cpu", dtype: torch.dtype = torch.float32, limit_tokens: int | None = None) -> dict:
-    """One result record: perplexity (and LAMBADA accuracy) of one model on one dataset's rows.
-    Kronecker layers on the materialised path build W once here, not once per batch."""
-    with frozen_kron_weights(model):
-        return _evaluate(model, model_name, dataset, rows, enc, protocol, context, stride, batch_size,
-                         device, dtype, limit_tokens)
-
-
-def _evaluate(model, model_name: str, dataset: str, rows: list[str], enc, protocol: str, context: int | None,
-              stride: int | None, batch_size: int, device: str, dtype: torch.dtype,
-              limit_tokens: int | None) -> dict:
+    """One result record: perplexity (and LAMBADA accuracy) of one model on one dataset's rows."""
     tokens = tokenize_joined(rows, enc)
     if limit_tokens:
         tokens = tokens[:limit_tokens]

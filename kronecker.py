@@ -204,8 +204,8 @@ def factored_macs(a_shape: tuple[int, int], b_shape: tuple[int, int], k: int = 1
 MIN_FACTORED_SPEEDUP = 1.25
 KRON_PATHS = ("materialised", "a_first", "b_first")
 # Up to this many input rows (decoding a few sequences), the GEMM with the big factor A
-# runs with A as the left operand: BLAS streams a big matrix against a few rows 1.5-3x
-# faster that way round, and ~10% slower at training batch sizes (bench.py).
+# runs with A as the left operand (factor_matmul): 1.5-3x faster at a few rows, ~10%
+# slower at training batch sizes (bench.py).
 FEW_ROWS = 8
 
 
@@ -236,6 +236,12 @@ def thin_matmul(x: torch.Tensor, w: torch.Tensor, group: int) -> torch.Tensor:
     return (x.reshape(R // group, group * K) @ torch.block_diag(*[w] * group)).view(R, w.shape[1])
 
 
+def factor_matmul(rows: torch.Tensor, F: torch.Tensor, few_rows: bool) -> torch.Tensor:
+    """rows (R, K) @ F^T for a big factor F (M, K), as an (R, M) tensor. With few rows
+    (decoding), BLAS streams F 1.5-3x faster as the left operand: (F @ rows^T)^T, a view."""
+    return (F @ rows.t()).t() if few_rows else rows @ F.t()
+
+
 def kron_matmul_a_first(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
     """x (N, n1*n2) -> (N, m1*m2) = x (sum_i A_i (x) B_i)^T as two plain GEMMs, A first.
 
@@ -248,10 +254,7 @@ def kron_matmul_a_first(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor) -> to
     # .contiguous(): where N or n2 is 1 the reshapes are strided views, which BLAS
     # multiplies several times slower than a copy costs (one-token decoding)
     Xt = x.view(N, n1, n2).transpose(1, 2).reshape(N * n2, n1).contiguous()  # (N*n2, n1)
-    if N <= FEW_ROWS:
-        U = (A.reshape(k * m1, n1) @ Xt.t()).t()                        # (N*n2, k*m1), a view
-    else:
-        U = Xt @ A.reshape(k * m1, n1).t()                              # (N*n2, k*m1)
+    U = factor_matmul(Xt, A.reshape(k * m1, n1), N <= FEW_ROWS)         # (N*n2, k*m1)
     U = U.view(N, n2, k, m1).permute(0, 3, 2, 1).reshape(N * m1, k * n2).contiguous()  # (N*m1, k*n2)
     Bt = B.transpose(1, 2).reshape(k * n2, m2)                         # (k*n2, m2)
     Y = thin_matmul(U, Bt, thin_group(m1, k * n2, m2))                  # (N*m1, m2), summed over i
@@ -266,10 +269,7 @@ def kron_matmul_b_first(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor) -> to
     Bt = B.reshape(k * m2, n2).t()                                      # (n2, k*m2)
     V = thin_matmul(x.reshape(N * n1, n2), Bt, thin_group(n1, n2, k * m2))  # (N*n1, k*m2), no input copy
     V = V.view(N, n1, k, m2).permute(0, 3, 2, 1).reshape(N * m2, k * n1).contiguous()  # (N*m2, k*n1)
-    if N <= FEW_ROWS:
-        Yt = (A.transpose(0, 1).reshape(m1, k * n1) @ V.t()).t()        # (N*m2, m1), a view
-    else:
-        Yt = V @ A.transpose(1, 2).reshape(k * n1, m1)                  # (N*m2, m1), summed over i
+    Yt = factor_matmul(V, A.transpose(0, 1).reshape(m1, k * n1), N <= FEW_ROWS)  # (N*m2, m1), summed over i
     return Yt.view(N, m2, m1).transpose(1, 2).reshape(N, m1 * m2)       # (N, m1*m2); free if m2 == 1
 
 
@@ -387,12 +387,14 @@ class KronLinear(nn.Module):
 
 
 @contextlib.contextmanager
-def frozen_kron_weights(model: nn.Module):
+def frozen_kron_weights(model):
     """Within this block, KronLinear layers on the materialised path build W once instead of
     on every forward without gradients. Decoding needs it: rebuilding W for each new token
     makes Krony-92M (4 factors) 3x slower than dense GPT-2. The factors must not change
-    inside the block; forwards that need gradients still use the live factors."""
-    layers = [m for m in model.modules() if isinstance(m, KronLinear) and m.path == "materialised"]
+    inside the block; forwards that need gradients still use the live factors. `model` may
+    be any callable (evaluation accepts stubs); only an nn.Module can hold KronLinear layers."""
+    modules = model.modules() if isinstance(model, nn.Module) else []
+    layers = [m for m in modules if isinstance(m, KronLinear) and m.path == "materialised"]
     outer = [m.frozen_weight for m in layers]          # blocks may nest
     try:
         with torch.no_grad():

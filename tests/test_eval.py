@@ -282,3 +282,22 @@ def test_cli_error_messages(tmp_path):
                           capture_output=True, text=True, env=env, timeout=120)
     assert proc.returncode == 2
     assert "error: no such directory or checkpoint" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_materialised_kron_weight_is_built_once_per_evaluation(tiny_hf_dir, monkeypatch):
+    from kronecker import KronLinear
+    load = lambda: GPT.from_pretrained(tiny_hf_dir, mlp="kron", kron_shape=(32, 8), kron_factors=2).eval()
+    tokens = list(range(1000, 1300))
+    factored = eval_ppl.perplexity(load(), tokens, "sliding", CONTEXT, STRIDE, batch_size=2)
+    model = load()
+    layers = [m for m in model.modules() if isinstance(m, KronLinear)]
+    for m in layers:
+        m.path = "materialised"                     # the path of Krony-92M (4 factors of (3, 3))
+    calls = []
+    build = KronLinear.materialize
+    monkeypatch.setattr(KronLinear, "materialize", lambda self: calls.append(self) or build(self))
+    res = eval_ppl.perplexity(model, tokens, "sliding", CONTEXT, STRIDE, batch_size=2)
+    assert res["windows"] > 2 * 2                   # several batches ...
+    assert len(calls) == len(layers)                # ... and W built once per layer, not per batch
+    assert res["ppl"] == pytest.approx(factored["ppl"], rel=1e-5)
+    assert all(m.frozen_weight is None for m in layers)
