@@ -202,7 +202,12 @@ def factored_macs(a_shape: tuple[int, int], b_shape: tuple[int, int], k: int = 1
 # two thin GEMMs and their layout copies lose to one big GEMM on the materialised
 # weight (measured with `python bench.py --sections layer`, CPU and GPU).
 MIN_FACTORED_SPEEDUP = 1.25
-KRON_PATHS = ("materialised", "a_first", "b_first")
+# "*_bmm" paths: when both sides of B are at least this wide (B of (48, 24), (24, 24): the
+# 67M class), every row's small product with A runs as one batched GEMM and the layout
+# copies of the stacked paths disappear: 1.5-2x faster forward+backward there. With a
+# narrower B the per-row products are too thin for a batched GEMM (measured: bench.py).
+MIN_BMM_B_SIDE = 12
+KRON_PATHS = ("materialised", "a_first", "b_first", "a_first_bmm", "b_first_bmm")
 # Up to this many input rows (decoding a few sequences), the GEMM with the big factor A
 # runs with A as the left operand (factor_matmul): 1.5-3x faster at a few rows, ~10%
 # slower at training batch sizes (bench.py).
@@ -213,14 +218,18 @@ def kron_path(a_shape: tuple[int, int], b_shape: tuple[int, int], k: int = 1) ->
     """The forward path for a layer of this shape: static, so torch.compile sees one graph."""
     (m1, n1), (m2, n2) = a_shape, b_shape
     macs, order = factored_macs(a_shape, b_shape, k)
-    return order if m1 * m2 * n1 * n2 >= MIN_FACTORED_SPEEDUP * macs else "materialised"
+    if m1 * m2 * n1 * n2 < MIN_FACTORED_SPEEDUP * macs:
+        return "materialised"
+    return order + "_bmm" if min(m2, n2) >= MIN_BMM_B_SIDE else order
 
 
 def thin_group(row_factor: int, K: int, M: int) -> int:
     """How many rows thin_matmul multiplies at once for an (R, K) @ (K, M) product whose R is a
     multiple of row_factor: the largest g <= 8 dividing row_factor with g * max(K, M) <= 16,
-    when K and M are both at most 4 (B of 2x2, 3x3, 4x1); 1 otherwise, and for M == 1."""
-    if M == 1 or max(K, M) > 4:
+    when K and M are both at most 4 (B of 2x2, 3x3, 4x1, 1x4); 1 otherwise. A matrix-vector
+    product (M == 1, c_proj's B of 1x4 or 1x2) is grouped too: BLAS runs (R, 4) @ (4, 1)
+    forward+backward 3.5-6x slower than the grouped (R/4, 16) @ (16, 4) (bench.py)."""
+    if max(K, M) > 4:
         return 1
     return next(g for g in range(8, 0, -1) if row_factor % g == 0 and g * max(K, M) <= 16)
 
@@ -273,6 +282,84 @@ def kron_matmul_b_first(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor) -> to
     return Yt.view(N, m2, m1).transpose(1, 2).reshape(N, m1 * m2)       # (N, m1*m2); free if m2 == 1
 
 
+def summed_products(P: torch.Tensor, Q: torch.Tensor) -> torch.Tensor:
+    """sum_r P[r] @ Q[r]^T for P (N, a, c), Q (N, b, c): an (a, b) matrix.
+
+    A batched GEMM, then the sum over rows, a chunk of rows at a time: the (N, a, b)
+    products of all rows at once can exceed 32 MB, and glibc gives an allocation that
+    large fresh pages on every call (page faults made one such step 6x slower)."""
+    N, a, _ = P.shape
+    rows = max(1, (1 << 20) // (a * Q.shape[1]))            # chunks of <= 4 MB in float32
+    total = torch.zeros(a, Q.shape[1], dtype=P.dtype, device=P.device)
+    for s in range(0, N, rows):
+        total = total + torch.bmm(P[s:s + rows], Q[s:s + rows].transpose(1, 2)).sum(0)
+    return total
+
+
+class KronBmm(torch.autograd.Function):
+    """x (N, n1*n2) -> x (A (x) B)^T + bias for one factor, with no layout copy.
+
+    Per row, Y = A X B^T with X = x.view(n1, n2). The product with B acts on the
+    contiguous last dimension, so all rows make one plain GEMM; the product with A
+    acts on the middle dimension, so it runs as a batched GEMM over rows with A
+    broadcast (stride 0), which reads and writes every tensor in its natural layout.
+    a_first: U = A X, then Y = U B^T.  b_first: V = X B^T, then Y = A V.
+    The backward uses the same two forms: dX = A^T dY B, dA = sum_r dY_r B X_r^T,
+    dB = sum_r dY_r^T A X_r (a plain GEMM over all rows)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, A: torch.Tensor, B: torch.Tensor,
+                bias: torch.Tensor | None, a_first: bool) -> torch.Tensor:
+        (m1, n1), (m2, n2), N = A.shape, B.shape, x.shape[0]
+        X = x.view(N, n1, n2)
+        if a_first:
+            U = torch.bmm(A.expand(N, m1, n1), X)                           # (N, m1, n2)
+            Y = U.view(N * m1, n2) @ B.t()                                  # (N*m1, m2)
+            ctx.save_for_backward(X, A, B, U)
+        else:
+            V = (X.view(N * n1, n2) @ B.t()).view(N, n1, m2)                # (N, n1, m2)
+            Y = torch.bmm(A.expand(N, m1, n1), V)                           # (N, m1, m2)
+            ctx.save_for_backward(X, A, B, V)
+        Y = Y.view(N, m1 * m2)
+        if bias is not None:
+            Y.add_(bias)                                                    # Y is ours: in place
+        ctx.a_first, ctx.has_bias = a_first, bias is not None
+        return Y
+
+    @staticmethod
+    def backward(ctx, dy: torch.Tensor):
+        X, A, B, T = ctx.saved_tensors
+        (m1, n1), (m2, n2), N = A.shape, B.shape, X.shape[0]
+        dY = dy.contiguous().view(N, m1, m2)
+        At = A.t().expand(N, n1, m1)
+        if ctx.a_first:                                     # T = U = A X
+            dU = (dY.view(N * m1, m2) @ B).view(N, m1, n2)                  # dY B
+            dX = torch.bmm(At, dU)                                          # (N, n1, n2)
+            dA = summed_products(dU, X)                                     # sum_r dU_r X_r^T
+            dB = dY.view(N * m1, m2).t() @ T.view(N * m1, n2)               # sum_r dY_r^T U_r
+        else:                                               # T = V = X B^T
+            dV = torch.bmm(At, dY)                                          # (N, n1, m2): A^T dY
+            dX = dV.view(N * n1, m2) @ B                                    # (N*n1, n2)
+            dA = summed_products(dY, T)                                     # sum_r dY_r V_r^T
+            dB = dV.view(N * n1, m2).t() @ X.view(N * n1, n2)               # sum_r dV_r^T X_r
+        db = dy.sum(0) if ctx.has_bias else None
+        return dX.view(N, n1 * n2), dA, dB, db, None
+
+
+def kron_matmul_bmm(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, bias: torch.Tensor | None,
+                    a_first: bool) -> torch.Tensor:
+    """x (N, n1*n2) -> (N, m1*m2) = x (sum_i A_i (x) B_i)^T + bias with KronBmm, one call per
+    factor (every big-B shape of the paper has k = 1). Under autocast the operands are cast
+    to the autocast dtype first, as nn.Linear's are, so the backward sees one dtype."""
+    dev = x.device.type
+    dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else x.dtype
+    x, A, B = x.to(dtype).contiguous(), A.to(dtype), B.to(dtype)       # views below need rows of n1*n2
+    y = KronBmm.apply(x, A[0], B[0], None if bias is None else bias.to(dtype), a_first)
+    for i in range(1, A.shape[0]):
+        y = y + KronBmm.apply(x, A[i], B[i], None, a_first)
+    return y
+
+
 class KronLinear(nn.Module):
     """y = x W^T + b with W = sum_i s_i A_i (x) B_i, never materialising W in forward.
 
@@ -292,7 +379,7 @@ class KronLinear(nn.Module):
         self.bias = nn.Parameter(torch.zeros(out_features)) if bias else None
         # optional sparse residual S (seeds/003): W = sum_i s_i A_i (x) B_i + S
         self.sparse = SparseResidual(out_features, in_features, sparse) if sparse > 0 else None
-        # "a_first" | "b_first" | "materialised", fixed by the shape (see kron_path);
+        # one of KRON_PATHS, fixed by the shape (see kron_path);
         # a plain attribute so tests and benchmarks can force another path.
         self.path = kron_path(self.a_shape, self.b_shape, k)
         self.frozen_weight: torch.Tensor | None = None      # set by frozen_kron_weights
@@ -326,8 +413,11 @@ class KronLinear(nn.Module):
         A, B = self.A, self.B
         if self.scalars is not None:
             B = B * self.scalars.view(-1, 1, 1)                # s_i A_i (x) B_i = A_i (x) (s_i B_i)
-        A, B = A.to(x.dtype), B.to(x.dtype)
         x2 = x.reshape(-1, self.in_features)                    # (N, n1*n2)
+        if self.path.endswith("_bmm"):                          # bias added inside
+            y = kron_matmul_bmm(x2, A, B, self.bias, a_first=self.path == "a_first_bmm")
+            return y.view(*x.shape[:-1], self.out_features)
+        A, B = A.to(x.dtype), B.to(x.dtype)
         if self.path == "a_first":
             y = kron_matmul_a_first(x2, A, B)                   # (N, m1*m2)
         else:

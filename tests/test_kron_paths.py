@@ -1,6 +1,7 @@
 """Every forward path of KronLinear against the dense reference x @ W^T + b, under
 torch.compile and bf16 autocast; and bench.py end to end."""
 import json
+import math
 import os
 import shutil
 import subprocess
@@ -9,7 +10,8 @@ import sys
 import pytest
 import torch
 
-from kronecker import FEW_ROWS, KRON_PATHS, KronLinear, kron_path, thin_group, thin_matmul
+from kronecker import (FEW_ROWS, KRON_PATHS, KronLinear, kron_path, summed_products, thin_group,
+                       thin_matmul)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -94,7 +96,9 @@ def test_paths_several_factors(path, k, scalars, bias):
 
 
 @pytest.mark.parametrize("a_shape,path", [((1536, 384), "b_first"), ((384, 1536), "a_first"),
-                                          ((768, 768), "a_first"), ((64, 32), "b_first")])
+                                          ((768, 768), "a_first"), ((64, 32), "b_first"),
+                                          ((64, 32), "a_first_bmm"), ((32, 64), "b_first_bmm"),
+                                          ((128, 32), "b_first_bmm"), ((32, 128), "a_first_bmm")])
 def test_real_gpt2_sizes(a_shape, path):
     """GPT-2 small sizes (768 <-> 3072), c_fc and c_proj."""
     in_f, out_f = (768, 3072) if a_shape[0] >= a_shape[1] else (3072, 768)
@@ -106,7 +110,12 @@ def test_path_choice_is_static_and_sensible():
     # big arithmetic savings: factored, in the cheaper order
     assert kron_path((768, 768), (4, 1)) == "a_first"
     assert kron_path((768, 768), (1, 4)) == "b_first"
-    assert kron_path((64, 32), (48, 24)) in ("a_first", "b_first")
+    # a wide B (the 67M class): the batched-over-rows form of the cheaper order
+    assert kron_path((64, 32), (48, 24)) == "a_first_bmm"
+    assert kron_path((32, 64), (24, 48)) == "b_first_bmm"
+    assert kron_path((128, 32), (24, 24)) == "b_first_bmm"
+    assert kron_path((32, 128), (24, 24)) == "a_first_bmm"
+    assert kron_path((96, 96), (32, 8)) == "a_first"          # one side of B too narrow
     # no saving (B 1x1), or more work than dense (4 factors of (3, 3)): one GEMM on W
     assert kron_path((3072, 768), (1, 1)) == "materialised"
     assert kron_path((1024, 256), (3, 3), k=4) == "materialised"
@@ -114,19 +123,63 @@ def test_path_choice_is_static_and_sensible():
     assert layer.path == "materialised"
 
 
+def test_summed_products_in_chunks_equals_one_sum():
+    # (a, b) = (512, 1024): chunks of 2 rows, so 5 rows make two full chunks and a partial one
+    torch.manual_seed(0)
+    P, Q = torch.randn(5, 512, 3, dtype=torch.float64), torch.randn(5, 1024, 3, dtype=torch.float64)
+    torch.testing.assert_close(summed_products(P, Q), torch.einsum("rac,rbc->ab", P, Q))
+    assert summed_products(P[:0], Q[:0]).abs().sum() == 0          # no rows: a zero gradient
+
+
+def activation_copies(fn, min_numel: int) -> list[tuple]:
+    """Shapes of the tensors of at least min_numel elements that fn copies (layout changes)."""
+    with torch.profiler.profile(record_shapes=True) as prof:
+        fn()
+    return [tuple(e.input_shapes[0]) for e in prof.events() if e.name in ("aten::copy_", "aten::clone")
+            and math.prod(e.input_shapes[0]) >= min_numel]
+
+
+@pytest.mark.parametrize("path", ["a_first_bmm", "b_first_bmm"])
+def test_bmm_paths_make_no_layout_copy(path):
+    """The reason these paths exist: forward and backward read and write every activation in
+    its natural layout. The stacked path of the same shape does copy them (so the probe sees
+    copies where there are). Parameter gradients, far smaller here, are not counted."""
+    layer = make_layer(48, 96, (2, 2), 1, scalars=False, bias=True)      # B (48, 24)
+    x = torch.randn(64, 48, requires_grad=True)                         # 3072 elements
+    grad = torch.randn(64, 96)
+
+    def step():
+        layer(x).backward(grad)
+    layer.path = path
+    assert activation_copies(step, x.numel()) == []
+    layer.path = path.removesuffix("_bmm")
+    assert len(activation_copies(step, x.numel())) >= 2
+
+
+@pytest.mark.parametrize("path", ["a_first_bmm", "b_first_bmm"])
+def test_bmm_paths_take_strided_input(path):
+    layer = make_layer(48, 96, (2, 2), 2, scalars=True, bias=True)
+    layer.path = path
+    x = torch.randn(48, 10).t()[::2]                  # (5, 48), neither rows nor columns contiguous
+    torch.testing.assert_close(layer(x), reference(layer, x), rtol=1e-4, atol=1e-4)
+
+
 def test_thin_matmul_groups_rows_of_tiny_products():
     # B of 3x3 as c_fc's first step (row factor n1 = 256), 2x2 (n1 = 384), 4x1 as an outer product
     assert [thin_group(256, 3, 3), thin_group(384, 2, 2), thin_group(768, 1, 4)] == [4, 8, 4]
-    # no grouping: a matrix-vector product (M = 1), wide factors, a row factor with no divisor
-    assert [thin_group(768, 4, 1), thin_group(32, 24, 48), thin_group(7, 3, 3)] == [1, 1, 1]
+    # c_proj's B of 1x4 and 1x2: a matrix-vector product (M = 1), grouped as well
+    assert [thin_group(768, 4, 1), thin_group(1536, 2, 1)] == [4, 8]
+    # no grouping: wide factors, a row factor with no divisor
+    assert [thin_group(32, 24, 48), thin_group(7, 3, 3)] == [1, 1]
     torch.manual_seed(0)
-    x, w = torch.randn(24, 3, requires_grad=True), torch.randn(3, 3, requires_grad=True)
-    for g in (1, 2, 4, 8):
-        y = thin_matmul(x, w, g)
-        torch.testing.assert_close(y, x @ w)
-        gx, gw = torch.autograd.grad(y, (x, w), torch.ones_like(y))
-        torch.testing.assert_close(gx, torch.ones(24, 3) @ w.t())
-        torch.testing.assert_close(gw, x.t() @ torch.ones(24, 3))
+    for K, M in [(3, 3), (4, 1), (1, 4)]:
+        x, w = torch.randn(24, K, requires_grad=True), torch.randn(K, M, requires_grad=True)
+        for g in (1, 2, 4, 8):
+            y = thin_matmul(x, w, g)
+            torch.testing.assert_close(y, x @ w)
+            gx, gw = torch.autograd.grad(y, (x, w), torch.ones_like(y))
+            torch.testing.assert_close(gx, torch.ones(24, M) @ w.t())
+            torch.testing.assert_close(gw, x.t() @ torch.ones(24, M))
 
 
 def compiler_available() -> str | None:
