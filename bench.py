@@ -46,7 +46,8 @@ TABLE1 = [((64, 32), 1), ((128, 32), 1), ((1024, 256), 1), ((768, 768), 1), ((15
           ((1536, 768), 1), ((3072, 768), 1), ((1024, 256), 4)]
 # Models of the model/generate sections: name -> (B shape for c_fc, k) or None for dense. The A
 # shape follows from n_embd, so the same B classes also give the scaled-down --quick models.
-MODELS = {"gpt2-124M": None, "krony-81M": ((2, 2), 1), "krony-96M": ((2, 1), 1), "krony-92M-4f": ((3, 3), 4)}
+MODELS = {"gpt2-124M": None, "krony-81M": ((2, 2), 1), "krony-96M": ((2, 1), 1), "krony-92M-4f": ((3, 3), 4),
+          "krony-67M": ((48, 24), 1)}
 
 
 # -----------------------------------------------------------------------------
@@ -304,7 +305,7 @@ def model_table(res: dict, device: str) -> str:
 def bench_generate(args) -> list[dict]:
     """All models' decoding steps are timed in one interleaved race, so host noise hits all alike."""
     contexts = (16, 48) if args.quick else (64, 512)
-    names = ("gpt2-124M", "krony-81M", "krony-92M-4f")
+    names = ("gpt2-124M", "krony-81M", "krony-92M-4f", "krony-67M")
     models, fns = {}, {}
     for name in names:
         torch.manual_seed(0)

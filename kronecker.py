@@ -204,8 +204,9 @@ def factored_macs(a_shape: tuple[int, int], b_shape: tuple[int, int], k: int = 1
 MIN_FACTORED_SPEEDUP = 1.25
 # "*_bmm" paths: when both sides of B are at least this wide (B of (48, 24), (24, 24): the
 # 67M class), every row's small product with A runs as one batched GEMM and the layout
-# copies of the stacked paths disappear: 1.5-2x faster forward+backward there. With a
-# narrower B the per-row products are too thin for a batched GEMM (measured: bench.py).
+# copies of the stacked paths disappear: forward+backward 1.15-1.45x faster there in
+# bench.py's interleaved timing (1.5-2x back to back). With a narrower B the per-row
+# products are too thin for a batched GEMM: B (32, 8) is 1.2-1.4x slower, (8, 8) 2x.
 MIN_BMM_B_SIDE = 12
 KRON_PATHS = ("materialised", "a_first", "b_first", "a_first_bmm", "b_first_bmm")
 # Up to this many input rows (decoding a few sequences), the GEMM with the big factor A

@@ -237,10 +237,11 @@ def test_bench_quick_end_to_end(tmp_path):
         # the kernel rates count the same work as the limit: their ratio is the fraction of it
         assert r["kron_gflops"] / r["dense_gflops"] == pytest.approx(r["fraction_of_limit"], rel=1e-9)
         assert r["dense_gflops"] == pytest.approx(6 * r["tokens"] * 768 * 3072 / (r["dense_ms"] / 1e3) / 1e9)
-    assert [r["model"] for r in res["model"]["rows"]] == ["gpt2-124M", "krony-81M", "krony-96M", "krony-92M-4f"]
+    assert [r["model"] for r in res["model"]["rows"]] == ["gpt2-124M", "krony-81M", "krony-96M", "krony-92M-4f",
+                                                          "krony-67M"]
     assert all(r["tokens_per_s"] > 0 and r["peak_rss_mb"] > 0 for r in res["model"]["rows"])
     assert res["model"]["rows"][0]["arith_limit"] == 1.0
-    assert [r["model"] for r in res["generate"]["rows"]] == ["gpt2-124M", "krony-81M", "krony-92M-4f"]
+    assert [r["model"] for r in res["generate"]["rows"]] == ["gpt2-124M", "krony-81M", "krony-92M-4f", "krony-67M"]
     assert all(r["flatness"] > 0 for r in res["generate"]["rows"])
     assert res["data"]["tokens"] > 1000 and res["data"]["tokens_per_s"] > 0
     assert "| speed-up |" in proc.stdout and "wrote" in proc.stdout
