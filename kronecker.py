@@ -209,9 +209,8 @@ MIN_FACTORED_SPEEDUP = 1.25
 # products are too thin for a batched GEMM: B (32, 8) is 1.2-1.4x slower, (8, 8) 2x.
 MIN_BMM_B_SIDE = 12
 KRON_PATHS = ("materialised", "a_first", "b_first", "a_first_bmm", "b_first_bmm")
-# Up to this many input rows (decoding a few sequences), the GEMM with the big factor A
-# runs with A as the left operand (factor_matmul): 1.5-3x faster at a few rows, ~10%
-# slower at training batch sizes (bench.py).
+# Up to this many input rows (decoding a few sequences), a tiny B multiplies plainly:
+# building thin_matmul's block-diagonal copy of B costs more than it saves (bench.py).
 FEW_ROWS = 8
 
 
@@ -246,12 +245,6 @@ def thin_matmul(x: torch.Tensor, w: torch.Tensor, group: int) -> torch.Tensor:
     return (x.reshape(R // group, group * K) @ torch.block_diag(*[w] * group)).view(R, w.shape[1])
 
 
-def factor_matmul(rows: torch.Tensor, F: torch.Tensor, few_rows: bool) -> torch.Tensor:
-    """rows (R, K) @ F^T for a big factor F (M, K), as an (R, M) tensor. With few rows
-    (decoding), BLAS streams F 1.5-3x faster as the left operand: (F @ rows^T)^T, a view."""
-    return (F @ rows.t()).t() if few_rows else rows @ F.t()
-
-
 def kron_matmul_a_first(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
     """x (N, n1*n2) -> (N, m1*m2) = x (sum_i A_i (x) B_i)^T as two plain GEMMs, A first.
 
@@ -264,10 +257,11 @@ def kron_matmul_a_first(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor) -> to
     # .contiguous(): where N or n2 is 1 the reshapes are strided views, which BLAS
     # multiplies several times slower than a copy costs (one-token decoding)
     Xt = x.view(N, n1, n2).transpose(1, 2).reshape(N * n2, n1).contiguous()  # (N*n2, n1)
-    U = factor_matmul(Xt, A.reshape(k * m1, n1), N <= FEW_ROWS)         # (N*n2, k*m1)
+    U = Xt @ A.reshape(k * m1, n1).t()                                  # (N*n2, k*m1)
     U = U.view(N, n2, k, m1).permute(0, 3, 2, 1).reshape(N * m1, k * n2).contiguous()  # (N*m1, k*n2)
     Bt = B.transpose(1, 2).reshape(k * n2, m2)                         # (k*n2, m2)
-    Y = thin_matmul(U, Bt, thin_group(m1, k * n2, m2))                  # (N*m1, m2), summed over i
+    group = thin_group(m1, k * n2, m2) if N > FEW_ROWS else 1
+    Y = thin_matmul(U, Bt, group)                                       # (N*m1, m2), summed over i
     return Y.view(N, m1 * m2)
 
 
@@ -277,9 +271,10 @@ def kron_matmul_b_first(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor) -> to
     _, m2, n2 = B.shape
     N = x.shape[0]
     Bt = B.reshape(k * m2, n2).t()                                      # (n2, k*m2)
-    V = thin_matmul(x.reshape(N * n1, n2), Bt, thin_group(n1, n2, k * m2))  # (N*n1, k*m2), no input copy
+    group = thin_group(n1, n2, k * m2) if N > FEW_ROWS else 1
+    V = thin_matmul(x.reshape(N * n1, n2), Bt, group)                   # (N*n1, k*m2), no input copy
     V = V.view(N, n1, k, m2).permute(0, 3, 2, 1).reshape(N * m2, k * n1).contiguous()  # (N*m2, k*n1)
-    Yt = factor_matmul(V, A.transpose(0, 1).reshape(m1, k * n1), N <= FEW_ROWS)  # (N*m2, m1), summed over i
+    Yt = V @ A.transpose(0, 1).reshape(m1, k * n1).t()                  # (N*m2, m1), summed over i
     return Yt.view(N, m2, m1).transpose(1, 2).reshape(N, m1 * m2)       # (N, m1*m2); free if m2 == 1
 
 

@@ -79,8 +79,8 @@ def test_paths_match_dense(b_class, transpose, path):
 @pytest.mark.parametrize("k", [1, 2])
 def test_paths_single_token(path, k):
     """One-token decoding: there the reshapes inside the factored paths are strided views
-    rather than copies (made contiguous for speed), and the big GEMM runs the other way round
-    (rows <= FEW_ROWS); the result and the gradients must not change."""
+    rather than copies (made contiguous for speed), and a tiny B multiplies without the
+    block-diagonal grouping (rows <= FEW_ROWS); the result and the gradients must not change."""
     assert 1 <= FEW_ROWS < 3 * 5                # this test and check_path's default cover both sides
     for b_class in [(2, 2), (4, 1), (48, 24)]:
         in_f, out_f, a_shape = SMALL[b_class]
