@@ -206,7 +206,7 @@ MIN_FACTORED_SPEEDUP = 1.25
 # 67M class), every row's small product with A runs as one batched GEMM and the layout
 # copies of the stacked paths disappear: forward+backward 1.15-1.45x faster there in
 # bench.py's interleaved timing (1.5-2x back to back). With a narrower B the per-row
-# products are too thin for a batched GEMM: B (32, 8) is 1.2-1.4x slower, (8, 8) 2x.
+# products are too thin for a batched GEMM: B (32, 8) is 1.2-1.4x slower, (8, 8) 1.7-2.5x.
 MIN_BMM_B_SIDE = 12
 KRON_PATHS = ("materialised", "a_first", "b_first", "a_first_bmm", "b_first_bmm")
 # Up to this many input rows (decoding a few sequences), a tiny B multiplies plainly:
@@ -228,7 +228,7 @@ def thin_group(row_factor: int, K: int, M: int) -> int:
     multiple of row_factor: the largest g <= 8 dividing row_factor with g * max(K, M) <= 16,
     when K and M are both at most 4 (B of 2x2, 3x3, 4x1, 1x4); 1 otherwise. A matrix-vector
     product (M == 1, c_proj's B of 1x4 or 1x2) is grouped too: BLAS runs (R, 4) @ (4, 1)
-    forward+backward 3.5-6x slower than the grouped (R/4, 16) @ (16, 4) (bench.py)."""
+    forward+backward 3.5-6.5x slower than the grouped (R/4, 16) @ (16, 4) (bench.py)."""
     if max(K, M) > 4:
         return 1
     return next(g for g in range(8, 0, -1) if row_factor % g == 0 and g * max(K, M) <= 16)

@@ -219,6 +219,14 @@ def test_bf16_autocast_close(path):
     ref = reference(layer, x)
     err = (y.float() - ref).norm() / ref.norm()
     assert err < 2e-2, err
+    # the backward of a bf16 forward, as in training: float32 gradients close to float32's
+    g = torch.randn_like(ref)
+    params = [layer.A, layer.B, layer.scalars, layer.bias]
+    grads = torch.autograd.grad(y.float(), params, g)
+    grads_ref = torch.autograd.grad(ref, params, g)
+    for got, want in zip(grads, grads_ref):
+        assert got.dtype == torch.float32
+        assert (got - want).norm() / want.norm() < 5e-2
 
 
 def test_bench_quick_end_to_end(tmp_path):
