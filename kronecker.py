@@ -245,8 +245,9 @@ def thin_matmul(x: torch.Tensor, w: torch.Tensor, group: int) -> torch.Tensor:
     return (x.reshape(R // group, group * K) @ torch.block_diag(*[w] * group)).view(R, w.shape[1])
 
 
-def kron_matmul_a_first(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
-    """x (N, n1*n2) -> (N, m1*m2) = x (sum_i A_i (x) B_i)^T as two plain GEMMs, A first.
+def kron_matmul_a_first(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor,
+                        bias: torch.Tensor | None = None) -> torch.Tensor:
+    """x (N, n1*n2) -> (N, m1*m2) = x (sum_i A_i (x) B_i)^T + bias as two plain GEMMs, A first.
 
     Per row, Y = sum_i A_i X B_i^T with X = x.view(n1, n2). The k factors are
     batched by stacking them into the GEMMs: along the output of the first and
@@ -261,11 +262,12 @@ def kron_matmul_a_first(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor) -> to
     U = U.view(N, n2, k, m1).permute(0, 3, 2, 1).reshape(N * m1, k * n2).contiguous()  # (N*m1, k*n2)
     Bt = B.transpose(1, 2).reshape(k * n2, m2)                         # (k*n2, m2)
     group = thin_group(m1, k * n2, m2) if N > FEW_ROWS else 1
-    Y = thin_matmul(U, Bt, group)                                       # (N*m1, m2), summed over i
-    return Y.view(N, m1 * m2)
+    Y = thin_matmul(U, Bt, group).view(N, m1 * m2)                      # summed over i
+    return Y if bias is None else Y + bias.to(Y.dtype)
 
 
-def kron_matmul_b_first(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
+def kron_matmul_b_first(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor,
+                        bias: torch.Tensor | None = None) -> torch.Tensor:
     """Same product as kron_matmul_a_first, B first: V = X B_i^T, then Y = sum_i A_i V_i."""
     k, m1, n1 = A.shape
     _, m2, n2 = B.shape
@@ -275,7 +277,12 @@ def kron_matmul_b_first(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor) -> to
     V = thin_matmul(x.reshape(N * n1, n2), Bt, group)                   # (N*n1, k*m2), no input copy
     V = V.view(N, n1, k, m2).permute(0, 3, 2, 1).reshape(N * m2, k * n1).contiguous()  # (N*m2, k*n1)
     Yt = V @ A.transpose(0, 1).reshape(m1, k * n1).t()                  # (N*m2, m1), summed over i
-    return Yt.view(N, m2, m1).transpose(1, 2).reshape(N, m1 * m2)       # (N, m1*m2); free if m2 == 1
+    Y = Yt.view(N, m2, m1).transpose(1, 2)                              # (N, m1, m2), a strided view
+    if bias is None:
+        return Y.reshape(N, m1 * m2)                                    # a copy, free if m2 == 1
+    # bias first: the sum then takes the bias's row-major layout, so adding the bias and
+    # copying Y into (N, m1*m2) order are one pass over the output instead of two
+    return (bias.to(Y.dtype).view(m1, m2) + Y).view(N, m1 * m2)
 
 
 def summed_products(P: torch.Tensor, Q: torch.Tensor) -> torch.Tensor:
@@ -414,12 +421,8 @@ class KronLinear(nn.Module):
             y = kron_matmul_bmm(x2, A, B, self.bias, a_first=self.path == "a_first_bmm")
             return y.view(*x.shape[:-1], self.out_features)
         A, B = A.to(x.dtype), B.to(x.dtype)
-        if self.path == "a_first":
-            y = kron_matmul_a_first(x2, A, B)                   # (N, m1*m2)
-        else:
-            y = kron_matmul_b_first(x2, A, B)
-        if self.bias is not None:
-            y = y + self.bias.to(y.dtype)
+        matmul = kron_matmul_a_first if self.path == "a_first" else kron_matmul_b_first
+        y = matmul(x2, A, B, self.bias)                         # (N, m1*m2)
         return y.view(*x.shape[:-1], self.out_features)
 
     @torch.no_grad()
