@@ -9,7 +9,7 @@ Sections (--sections, comma-separated):
   layer     forward+backward of KronLinear vs dense nn.Linear vs materialise-then-matmul,
             for every Table 1 shape at GPT-2 sizes (c_fc 768->3072, c_proj 3072->768),
             beside the arithmetic limit (dense multiply-adds / factored multiply-adds)
-  model     training-step tokens/s and peak memory, GPT-2 124M dense vs Krony-81M/-96M/-92M,
+  model     training-step tokens/s and peak memory, GPT-2 124M dense vs Krony-81M/-96M/-92M/-67M,
             same code and batch (random init, no download); one subprocess per model
   generate  tokens/s with the KV cache, dense vs Kronecker, and per-token time at two context lengths
   data      prepare_owt.py tokenisation throughput on ../shared/data/tinyshakespeare.txt repeated
