@@ -205,7 +205,7 @@ MIN_FACTORED_SPEEDUP = 1.25
 # "*_bmm" paths: when both sides of B are at least this wide (B of (48, 24), (24, 24): the
 # 67M class), every row's small product with A runs as one batched GEMM and the layout
 # copies of the stacked paths disappear: forward+backward 1.15-1.45x faster there in
-# bench.py's interleaved timing (1.5-2x back to back). With a narrower B the per-row
+# bench.py's interleaved timing (1.45-1.8x back to back). With a narrower B the per-row
 # products are too thin for a batched GEMM: B (32, 8) is 1.2-1.4x slower, (8, 8) 1.7-2.5x.
 MIN_BMM_B_SIDE = 12
 KRON_PATHS = ("materialised", "a_first", "b_first", "a_first_bmm", "b_first_bmm")
@@ -417,12 +417,11 @@ class KronLinear(nn.Module):
         if self.scalars is not None:
             B = B * self.scalars.view(-1, 1, 1)                # s_i A_i (x) B_i = A_i (x) (s_i B_i)
         x2 = x.reshape(-1, self.in_features)                    # (N, n1*n2)
-        if self.path.endswith("_bmm"):                          # bias added inside
+        if self.path.endswith("_bmm"):
             y = kron_matmul_bmm(x2, A, B, self.bias, a_first=self.path == "a_first_bmm")
-            return y.view(*x.shape[:-1], self.out_features)
-        A, B = A.to(x.dtype), B.to(x.dtype)
-        matmul = kron_matmul_a_first if self.path == "a_first" else kron_matmul_b_first
-        y = matmul(x2, A, B, self.bias)                         # (N, m1*m2)
+        else:
+            matmul = kron_matmul_a_first if self.path == "a_first" else kron_matmul_b_first
+            y = matmul(x2, A.to(x.dtype), B.to(x.dtype), self.bias)   # (N, m1*m2)
         return y.view(*x.shape[:-1], self.out_features)
 
     @torch.no_grad()
