@@ -234,55 +234,85 @@ def thin_group(row_factor: int, K: int, M: int) -> int:
     return next(g for g in range(8, 0, -1) if row_factor % g == 0 and g * max(K, M) <= 16)
 
 
-def thin_matmul(x: torch.Tensor, w: torch.Tensor, group: int) -> torch.Tensor:
-    """x (R, K) @ w (K, M) for a tiny w. BLAS runs an (R, 3) @ (3, 3) product far below its
-    speed, so g consecutive rows go through g copies of w on a block diagonal at once:
-    (R/g, g*K) @ (g*K, g*M). That is g times the multiply-adds of a step that has very few,
-    and 5-10x faster (the layer is 5-15% faster; bench.py)."""
-    if group == 1:
-        return x @ w
+def thin_matmul(x: torch.Tensor, w: torch.Tensor, group: int,
+                bias: torch.Tensor | None = None) -> torch.Tensor:
+    """x (R, K) @ w (K, M) for a tiny w, + bias (a (P*M,) vector that repeats every P rows).
+
+    BLAS runs an (R, 3) @ (3, 3) product far below its speed, so g consecutive rows go through
+    g copies of w on a block diagonal at once: (R/g, g*K) @ (g*K, g*M). That is g times the
+    multiply-adds of a step that has very few, and 5-10x faster (the layer is 5-15% faster;
+    bench.py). The bias is added in place: a fresh output-sized tensor would cost a second
+    pass over memory (and, over 32 MB, fresh pages from glibc on every call)."""
     R, K = x.shape
-    return (x.reshape(R // group, group * K) @ torch.block_diag(*[w] * group)).view(R, w.shape[1])
+    M = w.shape[1]
+    if group > 1:
+        x, w = x.reshape(R // group, group * K), torch.block_diag(*[w] * group)
+    if bias is None:
+        return (x @ w).view(R, M)
+    P = bias.numel() // M                                   # a multiple of group
+    y = torch.matmul(x.view(R // P, P // group, group * K), w)   # (R/P, P/g, g*M), not a view
+    return y.add_(bias.view(P // group, group * M)).view(R, M)
+
+
+def swap_order(t: torch.Tensor, p: int, q: int) -> torch.Tensor:
+    """t (..., p*q) read as (..., p, q) -> (..., q*p) (a copy): a Kronecker layer's features
+    from one of their two index orders into the other. A layer's output feature (i1, i2) (row i1
+    of A, row i2 of B) sits at i1*m2 + i2 in the standard order, as in torch.kron and nn.Linear,
+    and at i2*m1 + i1 in the swapped order: swap_order(y, m1, m2) swaps, swap_order(y, m2, m1)
+    swaps back. The same holds for an input with (n1, n2)."""
+    return t.unflatten(-1, (p, q)).transpose(-1, -2).flatten(-2)
 
 
 def kron_matmul_a_first(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor,
-                        bias: torch.Tensor | None = None) -> torch.Tensor:
+                        bias: torch.Tensor | None = None, swapped_in: bool = False) -> torch.Tensor:
     """x (N, n1*n2) -> (N, m1*m2) = x (sum_i A_i (x) B_i)^T + bias as two plain GEMMs, A first.
 
     Per row, Y = sum_i A_i X B_i^T with X = x.view(n1, n2). The k factors are
     batched by stacking them into the GEMMs: along the output of the first and
-    along the reduction of the second (so the sum over i is free)."""
+    along the reduction of the second (so the sum over i is free).
+    swapped_in: x's features come in (j2, j1) order (see swap_order), which is the
+    order the product with A reads, so the transposed copy of x is skipped."""
     k, m1, n1 = A.shape
     _, m2, n2 = B.shape
     N = x.shape[0]
     # .contiguous(): where N or n2 is 1 the reshapes are strided views, which BLAS
     # multiplies several times slower than a copy costs (one-token decoding)
-    Xt = x.view(N, n1, n2).transpose(1, 2).reshape(N * n2, n1).contiguous()  # (N*n2, n1)
+    X = x.reshape(N, n2, n1) if swapped_in else x.view(N, n1, n2).transpose(1, 2)
+    Xt = X.reshape(N * n2, n1).contiguous()                             # (N*n2, n1)
     U = Xt @ A.reshape(k * m1, n1).t()                                  # (N*n2, k*m1)
     U = U.view(N, n2, k, m1).permute(0, 3, 2, 1).reshape(N * m1, k * n2).contiguous()  # (N*m1, k*n2)
     Bt = B.transpose(1, 2).reshape(k * n2, m2)                         # (k*n2, m2)
     group = thin_group(m1, k * n2, m2) if N > FEW_ROWS else 1
-    Y = thin_matmul(U, Bt, group).view(N, m1 * m2)                      # summed over i
-    return Y if bias is None else Y + bias.to(Y.dtype)
+    bias = None if bias is None else bias.to(U.dtype)
+    return thin_matmul(U, Bt, group, bias).view(N, m1 * m2)            # summed over i
 
 
 def kron_matmul_b_first(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor,
-                        bias: torch.Tensor | None = None) -> torch.Tensor:
-    """Same product as kron_matmul_a_first, B first: V = X B_i^T, then Y = sum_i A_i V_i."""
+                        bias: torch.Tensor | None = None, swapped_out: bool = False) -> torch.Tensor:
+    """Same product as kron_matmul_a_first, B first: V = X B_i^T, then Y = sum_i A_i V_i.
+    The product with A writes its output in (i2, i1) order; swapped_out returns it that
+    way (see swap_order) instead of copying it into the standard order."""
     k, m1, n1 = A.shape
     _, m2, n2 = B.shape
     N = x.shape[0]
     Bt = B.reshape(k * m2, n2).t()                                      # (n2, k*m2)
     group = thin_group(n1, n2, k * m2) if N > FEW_ROWS else 1
     V = thin_matmul(x.reshape(N * n1, n2), Bt, group)                   # (N*n1, k*m2), no input copy
-    V = V.view(N, n1, k, m2).permute(0, 3, 2, 1).reshape(N * m2, k * n1).contiguous()  # (N*m2, k*n1)
-    Yt = V @ A.transpose(0, 1).reshape(m1, k * n1).t()                  # (N*m2, m1), summed over i
-    Y = Yt.view(N, m2, m1).transpose(1, 2)                              # (N, m1, m2), a strided view
+    V = V.view(N, n1, k, m2).permute(0, 3, 2, 1).reshape(N, m2, k * n1).contiguous()  # (N, m2, k*n1)
+    At = A.transpose(0, 1).reshape(m1, k * n1).t()                      # (k*n1, m1)
+    if bias is not None:
+        bias = bias.to(V.dtype)
+    if m2 == 1 and bias is not None:                        # both orders are one: the bias in the GEMM
+        return torch.addmm(bias, V.view(N, k * n1), At)
+    Yt = torch.matmul(V, At)                                # (N, m2, m1), summed over i; not a view
+    if swapped_out or m2 == 1:
+        return (Yt if bias is None else Yt.add_(bias.view(m1, m2).t())).view(N, m2 * m1)
+    Y = Yt.transpose(1, 2)                                              # (N, m1, m2), a strided view
     if bias is None:
-        return Y.reshape(N, m1 * m2)                                    # a copy, free if m2 == 1
+        return Y.reshape(N, m1 * m2)                                    # a copy
     # bias first: the sum then takes the bias's row-major layout, so adding the bias and
     # copying Y into (N, m1*m2) order are one pass over the output instead of two
-    return (bias.to(Y.dtype).view(m1, m2) + Y).view(N, m1 * m2)
+    return (bias.view(m1, m2) + Y).view(N, m1 * m2)
 
 
 def summed_products(P: torch.Tensor, Q: torch.Tensor) -> torch.Tensor:
@@ -386,12 +416,17 @@ class KronLinear(nn.Module):
         # a plain attribute so tests and benchmarks can force another path.
         self.path = kron_path(self.a_shape, self.b_shape, k)
         self.frozen_weight: torch.Tensor | None = None      # set by frozen_kron_weights
+        # feature orders (see swap_order and swap_hidden_order): False is the standard order of
+        # nn.Linear. Only the order of activations changes; the parameters keep theirs.
+        self.swap_in = False
+        self.swap_out = False
         nn.init.normal_(self.A, std=0.02)
         nn.init.normal_(self.B, std=0.02)
 
     def extra_repr(self) -> str:
+        swaps = "".join(f", {name}=True" for name in ("swap_in", "swap_out") if getattr(self, name))
         return (f"in={self.in_features}, out={self.out_features}, A={self.a_shape}, B={self.b_shape}, "
-                f"k={self.k}, scalars={self.scalars is not None}, bias={self.bias is not None}")
+                f"k={self.k}, scalars={self.scalars is not None}, bias={self.bias is not None}{swaps}")
 
     def materialize(self) -> torch.Tensor:
         """The dense weight sum_i s_i A_i (x) B_i, shape (out, in) (the sparse residual, if any,
@@ -406,23 +441,36 @@ class KronLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.forward_kron(x)
-        return y if self.sparse is None else y + self.sparse(x)   # + x S^T, S kept sparse
+        if self.sparse is None:
+            return y
+        (m1, n1), (m2, n2) = self.a_shape, self.b_shape     # + x S^T, S kept sparse (standard order)
+        ys = self.sparse(swap_order(x, n2, n1) if self.swap_in else x)
+        return y + (swap_order(ys, m1, m2) if self.swap_out else ys)
 
     def forward_kron(self, x: torch.Tensor) -> torch.Tensor:
+        (m1, n1), (m2, n2) = self.a_shape, self.b_shape
+        x2 = x.reshape(-1, self.in_features)                    # (N, n1*n2)
+        # a_first reads, and b_first writes, the swapped order natively; elsewhere, a copy
+        swap_in, swap_out = self.swap_in and self.path != "a_first", self.swap_out and self.path != "b_first"
+        if swap_in:
+            x2 = swap_order(x2, n2, n1)
         if self.path == "materialised":
             frozen = self.frozen_weight is not None and not torch.is_grad_enabled()
             W = self.frozen_weight if frozen else self.materialize()
-            return F.linear(x, W.to(x.dtype), self.bias)
-        A, B = self.A, self.B
-        if self.scalars is not None:
-            B = B * self.scalars.view(-1, 1, 1)                # s_i A_i (x) B_i = A_i (x) (s_i B_i)
-        x2 = x.reshape(-1, self.in_features)                    # (N, n1*n2)
-        if self.path.endswith("_bmm"):
-            y = kron_matmul_bmm(x2, A, B, self.bias, a_first=self.path == "a_first_bmm")
+            y = F.linear(x2, W.to(x.dtype), self.bias)
         else:
-            matmul = kron_matmul_a_first if self.path == "a_first" else kron_matmul_b_first
-            y = matmul(x2, A.to(x.dtype), B.to(x.dtype), self.bias)   # (N, m1*m2)
-        return y.view(*x.shape[:-1], self.out_features)
+            A, B = self.A, self.B
+            if self.scalars is not None:
+                B = B * self.scalars.view(-1, 1, 1)            # s_i A_i (x) B_i = A_i (x) (s_i B_i)
+            if self.path.endswith("_bmm"):
+                y = kron_matmul_bmm(x2, A, B, self.bias, a_first=self.path == "a_first_bmm")
+            elif self.path == "a_first":
+                y = kron_matmul_a_first(x2, A.to(x.dtype), B.to(x.dtype), self.bias, swapped_in=self.swap_in)
+            else:
+                y = kron_matmul_b_first(x2, A.to(x.dtype), B.to(x.dtype), self.bias, swapped_out=self.swap_out)
+        if swap_out:
+            y = swap_order(y, m1, m2)
+        return y.view(*x.shape[:-1], self.out_features)              # (..., m1*m2)
 
     @torch.no_grad()
     def init_from_weight(self, W: torch.Tensor, init: str = "vl-norm", svd: str = "exact") -> None:
@@ -472,6 +520,25 @@ class KronLinear(nn.Module):
             with torch.no_grad():
                 layer.bias.copy_(linear.bias)
         return layer
+
+
+def swap_hidden_order(fc: nn.Module, proj: nn.Module) -> bool:
+    """Let an MLP's c_fc write, and its c_proj read, the hidden features in the swapped order
+    (see swap_order) where that saves both a layout copy; returns whether it did.
+
+    c_fc on the b_first path computes its output in (i2, i1) order, and c_proj on the a_first
+    path reads its input in (j2, j1) order (B of 3x3 or 2x2); in the standard order each would
+    copy the whole hidden activation through a strided transpose, forward and backward (four
+    25 MB copies for 2048 tokens). Between the two the hidden features only pass through GELU,
+    which acts on each alone, so the MLP computes exactly the same function either way; the
+    parameters, checkpoints, materialize() and exports are unchanged."""
+    if not (isinstance(fc, KronLinear) and isinstance(proj, KronLinear)):
+        return False
+    (m1, _), (m2, _) = fc.a_shape, fc.b_shape
+    swap = (fc.path == "b_first" and proj.path == "a_first" and m2 > 1
+            and (proj.a_shape[1], proj.b_shape[1]) == (m1, m2))
+    fc.swap_out = proj.swap_in = swap
+    return swap
 
 
 @contextlib.contextmanager

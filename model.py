@@ -21,7 +21,7 @@ import torch
 import torch.nn as nn
 from torch.nn import functional as F
 
-from kronecker import INITS, KronLinear, frozen_kron_weights
+from kronecker import INITS, KronLinear, frozen_kron_weights, swap_hidden_order
 from lowrank import LowRankLinear, SharedBasisLinear, init_shared_group, tie_bases
 
 MLP_KINDS = ("dense", "kron", "lowrank", "shared")   # also the methods a compress target may use
@@ -248,6 +248,9 @@ class MLP(nn.Module):
         super().__init__()
         self.c_fc = make_linear(config, layer, "mlp.c_fc", config.n_embd, 4 * config.n_embd)
         self.c_proj = make_linear(config, layer, "mlp.c_proj", 4 * config.n_embd, config.n_embd)
+        # Kronecker layers of B 3x3 or 2x2 pass the hidden features in the order their factors
+        # compute them in, which saves two strided copies of the hidden activation per layer
+        swap_hidden_order(self.c_fc, self.c_proj)
         self.dropout = nn.Dropout(config.dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
