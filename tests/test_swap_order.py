@@ -33,14 +33,15 @@ def swapped_reference(layer: KronLinear, xs: torch.Tensor) -> torch.Tensor:
 @pytest.mark.parametrize("transpose", [False, True], ids=["c_fc", "c_proj"])
 @pytest.mark.parametrize("path", KRON_PATHS)
 @pytest.mark.parametrize("swaps", [(True, False), (False, True), (True, True)], ids=["in", "out", "both"])
-def test_swapped_orders_on_every_path(b_class, transpose, path, swaps):
+@pytest.mark.parametrize("lead", [(3, 5), (1, 1)], ids=["batch", "one-token"])   # b_first's bias: in the GEMM or not
+def test_swapped_orders_on_every_path(b_class, transpose, path, swaps, lead):
     in_f, out_f, a_shape = SMALL[b_class]
     if transpose:
         in_f, out_f, a_shape = out_f, in_f, a_shape[::-1]
     k = 1 if b_class == (1, 1) else 2                # B of 1x1 has rank 1
     layer = make_layer(in_f, out_f, a_shape, k, scalars=True, bias=True)
     layer.path, (layer.swap_in, layer.swap_out) = path, swaps
-    xs = torch.randn(3, 5, in_f, requires_grad=True)
+    xs = torch.randn(*lead, in_f, requires_grad=True)
     y = layer(xs)
     y_ref = swapped_reference(layer, xs)
     g = torch.randn_like(y)
@@ -82,6 +83,9 @@ def test_mlp_swaps_the_hidden_order_only_where_it_saves_copies(b_shape, k, swapp
                                                                   kron_path(proj.a_shape, proj.b_shape))
         assert "swap_out=True" in repr(fc) and "swap_in=True" in repr(proj)
     assert swap_hidden_order(torch.nn.Linear(768, 3072), proj) is False
+    if swapped:                                      # a sparse residual would copy again: no swap
+        sparse_fc = KronLinear(768, 3072, fc.a_shape, k, sparse=0.001)
+        assert swap_hidden_order(sparse_fc, proj) is False and not proj.swap_in
 
 
 def tiny_kron_config(**kw) -> GPTConfig:
@@ -156,3 +160,15 @@ def test_thin_matmul_adds_a_repeating_bias_in_place():
             torch.testing.assert_close(y.view(4, P * M), want)
             for got, ref in zip(torch.autograd.grad(y.view(4, P * M), (x, w, b), g), grads_ref):
                 torch.testing.assert_close(got, ref)
+
+
+def test_decoding_one_token_copies_no_factor():
+    """At one row, folding the bias into c_fc's GEMM would copy A^T (larger than the output):
+    the fold applies only where the output has more rows than A^T (decoding got 1.4x slower)."""
+    torch.manual_seed(0)
+    mlp = MLP(tiny_kron_config())
+    x = torch.randn(1, 24)
+    assert mlp.c_fc.swap_out and mlp.c_proj.swap_in
+    with torch.no_grad():
+        assert activation_copies(lambda: mlp(x), mlp.c_fc.A.numel()) == []
+        assert activation_copies(lambda: mlp(x.expand(64, 24).contiguous()), mlp.c_fc.A.numel()) != []
