@@ -29,6 +29,7 @@ from __future__ import annotations
 import argparse
 import ast
 import difflib
+import gc
 import inspect
 import math
 import os
@@ -390,7 +391,15 @@ def train(cfg: dict, explicit: set[str] | None = None) -> dict:
     if ddp:
         torch.distributed.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
     try:
-        return _train(cfg, explicit, device, ddp, rank, world, master, log)
+        result = _train(cfg, explicit, device, ddp, rank, world, master, log)
+        if ddp:
+            # free the DDP wrapper now, while the interpreter is whole: its reducer holds gloo work
+            # objects with tensors, whose destruction at interpreter exit aborted a rank (SIGABRT,
+            # "terminate called without an active exception", in 3 of 12 full test runs); then
+            # wait for every rank (rank 0 may still be writing its checkpoint) before the teardown
+            gc.collect()
+            torch.distributed.barrier()
+        return result
     finally:
         if ddp:
             torch.distributed.destroy_process_group()

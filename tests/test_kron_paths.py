@@ -245,6 +245,10 @@ def test_bench_quick_end_to_end(tmp_path):
         # the kernel rates count the same work as the limit: their ratio is the fraction of it
         assert r["kron_gflops"] / r["dense_gflops"] == pytest.approx(r["fraction_of_limit"], rel=1e-9)
         assert r["dense_gflops"] == pytest.approx(6 * r["tokens"] * 768 * 3072 / (r["dense_ms"] / 1e3) / 1e9)
+        # B of 3x3 runs in the MLP's swapped hidden order, and is also timed in the standard one
+        swapped = tuple(r["b_shape"]) == (3, 3)
+        assert r["hidden_order"] == ("swapped" if swapped else "standard")
+        assert (r["standard_order_speedup"] > 0) if swapped else r["standard_order_speedup"] is None
     assert [r["model"] for r in res["model"]["rows"]] == ["gpt2-124M", "krony-81M", "krony-96M", "krony-92M-4f",
                                                           "krony-67M"]
     assert all(r["tokens_per_s"] > 0 and r["peak_rss_mb"] > 0 for r in res["model"]["rows"])
