@@ -460,9 +460,10 @@ class KronLinear(nn.Module):
     def forward_kron(self, x: torch.Tensor) -> torch.Tensor:
         (m1, n1), (m2, n2) = self.a_shape, self.b_shape
         x2 = x.reshape(-1, self.in_features)                    # (N, n1*n2)
-        # a_first reads, and b_first writes, the swapped order natively; elsewhere, a copy
-        swap_in, swap_out = self.swap_in and self.path != "a_first", self.swap_out and self.path != "b_first"
-        if swap_in:
+        # a_first reads, and b_first writes, the swapped order natively; the other paths convert
+        convert_in = self.swap_in and self.path != "a_first"
+        convert_out = self.swap_out and self.path != "b_first"
+        if convert_in:
             x2 = swap_order(x2, n2, n1)
         if self.path == "materialised":
             frozen = self.frozen_weight is not None and not torch.is_grad_enabled()
@@ -478,7 +479,7 @@ class KronLinear(nn.Module):
                 y = kron_matmul_a_first(x2, A.to(x.dtype), B.to(x.dtype), self.bias, swapped_in=self.swap_in)
             else:
                 y = kron_matmul_b_first(x2, A.to(x.dtype), B.to(x.dtype), self.bias, swapped_out=self.swap_out)
-        if swap_out:
+        if convert_out:
             y = swap_order(y, m1, m2)
         return y.view(*x.shape[:-1], self.out_features)              # (..., m1*m2)
 

@@ -172,3 +172,22 @@ def test_decoding_one_token_copies_no_factor():
     with torch.no_grad():
         assert activation_copies(lambda: mlp(x), mlp.c_fc.A.numel()) == []
         assert activation_copies(lambda: mlp(x.expand(64, 24).contiguous()), mlp.c_fc.A.numel()) != []
+
+
+@pytest.mark.parametrize("rows", [64, 1], ids=["batch", "one-token"])
+def test_swapped_mlp_under_bf16_autocast(rows):
+    torch.manual_seed(0)
+    mlp = MLP(tiny_kron_config())
+    with torch.no_grad():
+        for p in mlp.parameters():
+            p.normal_(std=0.3)
+    x = torch.randn(rows, 24)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = mlp(x)
+    assert y.dtype == torch.bfloat16
+    ref = mlp(x)                                           # float32, same swapped order
+    assert (y.float() - ref).norm() / ref.norm() < 3e-2
+    g = torch.randn_like(ref)
+    params = list(mlp.parameters())
+    for got, want in zip(torch.autograd.grad(y.float(), params, g), torch.autograd.grad(ref, params, g)):
+        assert got.dtype == torch.float32 and (got - want).norm() / want.norm() < 6e-2
