@@ -125,7 +125,9 @@ class EinsumKron(nn.Module):
 def train_step_fn(module: nn.Module, x: torch.Tensor, device: str, dtype: str) -> Callable[[], None]:
     """Forward + backward of one layer (gradients set to None first, as zero_grad does)."""
     params = list(module.parameters())
-    grad = torch.randn(x.shape[0], module(x).shape[-1], device=x.device)
+    with autocast(device, dtype):        # as in step(): a compiled module then builds one graph, not two
+        out_features = module(x).shape[-1]
+    grad = torch.randn(x.shape[0], out_features, device=x.device)
 
     def step() -> None:
         for p in params:
@@ -142,6 +144,8 @@ def bench_layers(args) -> list[dict]:
     rows = []
     shapes = TABLE1[:3] if args.quick else TABLE1
     for a_fc, k in shapes:
+        if args.compile:                # fresh compile caches for each shape: the layers of earlier
+            torch._dynamo.reset()       # shapes would otherwise use up dynamo's recompile limit
         torch.manual_seed(0)
         pair = {"c_fc": KronLinear(d, 4 * d, a_fc, k).to(args.device),
                 "c_proj": KronLinear(4 * d, d, a_fc[::-1], k).to(args.device)}
