@@ -298,12 +298,13 @@ def kron_matmul_b_first(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor,
     Bt = B.reshape(k * m2, n2).t()                                      # (n2, k*m2)
     group = thin_group(n1, n2, k * m2) if N > FEW_ROWS else 1
     V = thin_matmul(x.reshape(N * n1, n2), Bt, group)                   # (N*n1, k*m2), no input copy
-    V = V.view(N, n1, k, m2).permute(0, 3, 2, 1)                        # (N, m2, k, n1), a strided view
+    # (N, m2, k*n1): a strided view for k = 1, else a copy
+    V = V.view(N, n1, k, m2).permute(0, 3, 2, 1).reshape(N, m2, k * n1)
     At = A.transpose(0, 1).reshape(m1, k * n1).t()                      # (k*n1, m1)
     if bias is not None:
         bias = bias.to(V.dtype)
     if m2 == 1 and bias is not None:                        # both orders are one: the bias in the GEMM
-        return torch.addmm(bias, V.reshape(N, k * n1), At)
+        return torch.addmm(bias, V.view(N, k * n1), At)
     if swapped_out and bias is not None and N * m2 >= k * n1:
         # the bias rides in the GEMM: row (n, i2) of V gets the one-hot of i2 appended and A^T
         # gets the bias as m2 more rows, so [V, e_i2] @ [A^T; bias[:, i2]^T] = V A^T + bias.
@@ -311,10 +312,10 @@ def kron_matmul_b_first(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor,
         # (layer 8% faster in training), for a copy of A^T: worth it only where the output
         # has more rows than A^T (not when decoding a few tokens).
         onehot = torch.eye(m2, dtype=V.dtype, device=V.device).expand(N, m2, m2)
-        V = torch.cat([V.reshape(N, m2, k * n1), onehot], dim=2)        # (N, m2, k*n1 + m2), one copy
+        V = torch.cat([V, onehot], dim=2)                               # (N, m2, k*n1 + m2), a copy
         Yt = torch.matmul(V, torch.cat([At, bias.view(m1, m2).t()]))    # (N, m2, m1)
         return Yt.view(N, m2 * m1)
-    Yt = torch.matmul(V.reshape(N, m2, k * n1), At)         # (N, m2, m1), summed over i; not a view
+    Yt = torch.matmul(V, At)                                # (N, m2, m1), summed over i; not a view
     if swapped_out or m2 == 1:
         return (Yt if bias is None else Yt.add_(bias.view(m1, m2).t())).view(N, m2 * m1)
     Y = Yt.transpose(1, 2)                                              # (N, m1, m2), a strided view
