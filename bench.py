@@ -10,7 +10,8 @@ Sections (--sections, comma-separated):
             for every Table 1 shape at GPT-2 sizes (c_fc 768->3072, c_proj 3072->768),
             beside the arithmetic limit (dense multiply-adds / factored multiply-adds); each pair
             runs in the hidden order model.MLP gives it (kronecker.swap_hidden_order), and a
-            swapped layer is also timed in the standard order
+            swapped layer is also timed in the standard order; on CPU float32, for small layers,
+            the GEMM ceiling (the speed-up if only its matrix products cost time, in cache)
   model     training-step tokens/s and peak memory, GPT-2 124M dense vs Krony-81M/-96M/-92M/-67M,
             same code and batch (random init, no download); one subprocess per model
   generate  tokens/s with the KV cache, dense vs Kronecker, and per-token time at two context lengths
@@ -93,6 +94,14 @@ def maybe_compile(module: nn.Module, compile: bool) -> nn.Module:
 # -----------------------------------------------------------------------------
 # Layer section
 
+# The matrix products of a layer's forward and backward, as the CPU profiler names them.
+GEMM_OPS = ("aten::mm", "aten::bmm", "aten::addmm", "aten::baddbmm", "aten::mv", "aten::addmv_")
+CEILING_ROWS = 64       # few enough rows that every tensor of the layer's step stays in cache
+# ... which needs small parameters too (the 67M class: 13-18 KB): a big factor, re-read from memory
+# for every 64 rows, would make the in-cache GEMMs slower than the real ones, not a ceiling.
+CEILING_MAX_PARAM_BYTES = 256 * 1024
+
+
 class Materialised(nn.Module):
     """Materialise-then-matmul: what the original Krony-PT code does on every forward."""
 
@@ -139,6 +148,22 @@ def train_step_fn(module: nn.Module, x: torch.Tensor, device: str, dtype: str) -
     return step
 
 
+def gemm_seconds(module: nn.Module, in_features: int, tokens: int, repeats: int) -> float:
+    """CPU seconds the matrix products alone of a forward+backward take for `tokens` rows, timed on
+    CEILING_ROWS rows that stay in cache and scaled up: no memory traffic, no bias or layout copy,
+    no Python. dense time / this = the speed-up the layer would reach if everything but its
+    GEMMs were free: the ceiling of its path's sequence of BLAS calls on this machine."""
+    x = torch.randn(CEILING_ROWS, in_features, requires_grad=True)
+    step = train_step_fn(module, x, "cpu", "float32")
+    for _ in range(3):
+        step()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        for _ in range(repeats):
+            step()
+    micros = sum(e.self_cpu_time_total for e in prof.key_averages() if e.key in GEMM_OPS)
+    return micros / 1e6 / repeats * tokens / CEILING_ROWS
+
+
 def bench_layers(args) -> list[dict]:
     d = 768
     rows = []
@@ -166,12 +191,18 @@ def bench_layers(args) -> list[dict]:
             t = race(fns, args.repeats, args.warmup, args.device)
             limit = in_f * out_f / macs
             speedup = t["dense"] / t["kron"]
+            # on the CPU in eager mode (the profiler's CPU times are the GEMMs' own there), small layers
+            param_bytes = sum(p.numel() * p.element_size() for p in kron.parameters())
+            ceiling = (t["dense"] / gemm_seconds(kron, in_f, args.tokens, 4 * args.repeats)
+                       if args.device == "cpu" and not args.compile and args.dtype == "float32"
+                       and param_bytes <= CEILING_MAX_PARAM_BYTES else None)
             rows.append(dict(matrix=matrix, a_shape=list(kron.a_shape), b_shape=list(kron.b_shape), k=k,
                              path=kron.path, hidden_order="swapped" if swapped else "standard",
                              tokens=args.tokens, limit=limit,
                              dense_ms=1e3 * t["dense"], kron_ms=1e3 * t["kron"],
                              materialised_ms=1e3 * t["materialised"], einsum_ms=1e3 * t["einsum"],
                              speedup=speedup, fraction_of_limit=speedup / limit,
+                             gemm_ceiling=ceiling, gemm_ceiling_of_limit=None if ceiling is None else ceiling / limit,
                              vs_materialised=t["materialised"] / t["kron"],
                              einsum_speedup=t["dense"] / t["einsum"],
                              standard_order_speedup=t["dense"] / t["standard"] if swapped else None,
@@ -186,14 +217,17 @@ def bench_layers(args) -> list[dict]:
 
 def layer_table(rows: list[dict]) -> str:
     lines = ["| matrix | A | B | k | path | hidden order | limit | dense ms | kron ms | speed-up | % of limit "
-             "| standard-order speed-up | vs materialised | einsum speed-up | dense GFLOP/s | kron GFLOP/s |",
-             "|" + "---|" * 16]
+             "| GEMM ceiling (% of limit) | standard-order speed-up | vs materialised | einsum speed-up "
+             "| dense GFLOP/s | kron GFLOP/s |",
+             "|" + "---|" * 17]
     for r in rows:
         std = "—" if r["standard_order_speedup"] is None else f"{r['standard_order_speedup']:.2f}x"
+        ceiling = ("—" if r["gemm_ceiling"] is None
+                   else f"{r['gemm_ceiling']:.2f}x ({100 * r['gemm_ceiling_of_limit']:.0f}%)")
         lines.append(f"| {r['matrix']} | {tuple(r['a_shape'])} | {tuple(r['b_shape'])} | {r['k']} | {r['path']} "
                      f"| {r['hidden_order']} "
                      f"| {r['limit']:.2f} | {r['dense_ms']:.1f} | {r['kron_ms']:.1f} | {r['speedup']:.2f}x "
-                     f"| {100 * r['fraction_of_limit']:.0f}% | {std} | {r['vs_materialised']:.2f}x "
+                     f"| {100 * r['fraction_of_limit']:.0f}% | {ceiling} | {std} | {r['vs_materialised']:.2f}x "
                      f"| {r['einsum_speedup']:.2f}x | {r['dense_gflops']:.0f} | {r['kron_gflops']:.0f} |")
     return "\n".join(lines)
 

@@ -10,7 +10,7 @@ import sys
 import pytest
 import torch
 
-from kronecker import (FEW_ROWS, KRON_PATHS, KronLinear, kron_path, summed_products, thin_group,
+from kronecker import (FEW_ROWS, KRON_PATHS, KronLinear, gram_product, kron_path, summed_products, thin_group,
                        thin_matmul)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -131,6 +131,16 @@ def test_summed_products_in_chunks_equals_one_sum():
     assert summed_products(P[:0], Q[:0]).abs().sum() == 0          # no rows: a zero gradient
 
 
+@pytest.mark.parametrize("widths", [(48, 24), (24, 48), (24, 24)])
+def test_gram_product_either_order_equals_p_transpose_q(widths):
+    # the narrower operand goes on the left (the first two cases take different branches)
+    torch.manual_seed(0)
+    P, Q = torch.randn(40, widths[0], dtype=torch.float64), torch.randn(40, widths[1], dtype=torch.float64)
+    G = gram_product(P, Q)
+    assert G.shape == (widths[0], widths[1])
+    torch.testing.assert_close(G, P.t() @ Q)
+
+
 def activation_copies(fn, min_numel: int) -> list[tuple]:
     """Shapes of the tensors of at least min_numel elements that fn copies (layout changes)."""
     with torch.profiler.profile(record_shapes=True) as prof:
@@ -249,6 +259,11 @@ def test_bench_quick_end_to_end(tmp_path):
         swapped = tuple(r["b_shape"]) == (3, 3)
         assert r["hidden_order"] == ("swapped" if swapped else "standard")
         assert (r["standard_order_speedup"] > 0) if swapped else r["standard_order_speedup"] is None
+        if r["path"].endswith("_bmm"):                      # small factors (CPU float32 eager)
+            assert r["gemm_ceiling"] > 0
+            assert r["gemm_ceiling_of_limit"] == pytest.approx(r["gemm_ceiling"] / r["limit"])
+        else:                                               # a factor too big to stay in cache
+            assert r["gemm_ceiling"] is None and r["gemm_ceiling_of_limit"] is None
     assert [r["model"] for r in res["model"]["rows"]] == ["gpt2-124M", "krony-81M", "krony-96M", "krony-92M-4f",
                                                           "krony-67M"]
     assert all(r["tokens_per_s"] > 0 and r["peak_rss_mb"] > 0 for r in res["model"]["rows"])
@@ -257,6 +272,26 @@ def test_bench_quick_end_to_end(tmp_path):
     assert all(r["flatness"] > 0 for r in res["generate"]["rows"])
     assert res["data"]["tokens"] > 1000 and res["data"]["tokens_per_s"] > 0
     assert "| speed-up |" in proc.stdout and "wrote" in proc.stdout
+
+
+class Scale(torch.nn.Module):
+    """A layer with no matrix product."""
+
+    def __init__(self, n: int):
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.ones(n))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * self.w
+
+
+def test_bench_gemm_seconds_counts_only_matrix_products():
+    import bench
+    assert bench.gemm_seconds(Scale(48), 48, tokens=256, repeats=2) == 0
+    assert bench.gemm_seconds(torch.nn.Linear(48, 96), 48, tokens=256, repeats=2) > 0
+    layer = KronLinear(48, 96, (4, 4))
+    assert layer.path == "a_first_bmm"                      # GEMMs and batched GEMMs both count
+    assert bench.gemm_seconds(layer, 48, tokens=256, repeats=2) > 0
 
 
 def test_bench_bad_section_is_a_clear_error():
