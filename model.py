@@ -29,8 +29,6 @@ LINEAR_NAMES = ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")  # the l
 # the per-layer options, as GPTConfig fields; a compress target may set each of them
 LINEAR_OPTIONS = ("kron_shape", "kron_factors", "kron_scalars", "kron_init", "kron_sparse",
                   "lowrank_rank", "share_group")
-# Hugging Face names that from_pretrained downloads (everything else must be a local directory).
-HF_MODELS = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl", "distilgpt2")
 
 
 @dataclass
@@ -429,16 +427,14 @@ class GPT(nn.Module):
 
     @classmethod
     def load(cls, spec: str, **overrides) -> "GPT":
-        """Any model a user can name: a checkpoint file (*.pt) or a directory holding
-        ckpt_best.pt / ckpt_last.pt, a local Hugging Face directory, or a hub name."""
-        if os.path.isfile(spec):
-            return cls.from_checkpoint(spec)
-        if os.path.isdir(spec) and not os.path.exists(os.path.join(spec, "config.json")):
-            for name in ("ckpt_best.pt", "ckpt_last.pt", "ckpt.pt"):
-                if os.path.isfile(os.path.join(spec, name)):
-                    return cls.from_checkpoint(os.path.join(spec, name))
-            raise FileNotFoundError(f"{spec} holds neither config.json (Hugging Face layout) "
-                                    "nor ckpt_best.pt / ckpt_last.pt")
+        """Any model a user can name (see resolve_model): a checkpoint file, a run directory,
+        a local Hugging Face directory, or a hub name. Overrides compress a dense HF model."""
+        source = resolve_model(spec)
+        if source.kind == "checkpoint":
+            if overrides:
+                raise ValueError(f"{spec} is a checkpoint: its architecture is fixed, overrides "
+                                 f"{sorted(overrides)} do not apply")
+            return cls.from_checkpoint(source.path)
         return cls.from_pretrained(spec, **overrides)
 
     # --------------------------------------------------------------- generation
@@ -563,31 +559,77 @@ def format_report(report: list[LayerReport]) -> str:
 # -----------------------------------------------------------------------------
 # Files: the hub, Hugging Face directories, checkpoints
 
+# Hub names from_pretrained knows (any "owner/name" repository id works too) and their repositories.
+HUB_ALIASES = {"gpt2": "openai-community/gpt2", "gpt2-medium": "openai-community/gpt2-medium",
+               "gpt2-large": "openai-community/gpt2-large", "gpt2-xl": "openai-community/gpt2-xl",
+               "distilgpt2": "distilbert/distilgpt2"}
+HF_MODELS = tuple(HUB_ALIASES)
+# what a run directory holds, in the order a model is taken from it
+CHECKPOINT_NAMES = ("ckpt_best.pt", "ckpt_last.pt", "ckpt.pt")
+MODEL_KINDS_HELP = ("a checkpoint file (.pt), a run directory (its ckpt_best.pt or ckpt_last.pt), "
+                    "a local Hugging Face directory (config.json + model.safetensors or pytorch_model.bin), "
+                    f"or a hub name ({', '.join(HF_MODELS)} or owner/name)")
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """What a user named as a model, resolved: kind is "checkpoint" (path: the .pt file),
+    "hf_dir" (path: a local Hugging Face directory) or "hub" (path: the hub repository id)."""
+    kind: str
+    path: str
+    spec: str
+
+
+def resolve_model(spec: str) -> ModelSource:
+    """The one rule for every script: an existing file is a checkpoint; an existing directory is
+    a Hugging Face directory if it holds config.json, else a run directory (CHECKPOINT_NAMES in
+    order); a name that is no path is a hub name. Nothing is downloaded here.
+    Raises FileNotFoundError naming what was tried."""
+    spec = str(spec)
+    path = os.path.expanduser(spec)
+    if os.path.isfile(path):
+        return ModelSource("checkpoint", path, spec)
+    if os.path.isdir(path):
+        if os.path.isfile(os.path.join(path, "config.json")):
+            return ModelSource("hf_dir", path, spec)
+        for name in CHECKPOINT_NAMES:
+            if os.path.isfile(os.path.join(path, name)):
+                return ModelSource("checkpoint", os.path.join(path, name), spec)
+        raise FileNotFoundError(f"{spec} is a directory but holds no model: neither a run's "
+                                f"{' / '.join(CHECKPOINT_NAMES[:2])} nor a Hugging Face config.json")
+    if spec in HUB_ALIASES:
+        return ModelSource("hub", HUB_ALIASES[spec], spec)
+    first = spec.split("/")[0]
+    repo_id = (spec.count("/") == 1 and not spec.startswith((".", "/", "~")) and not os.path.exists(first)
+               and not spec.endswith((".pt", ".bin", ".safetensors", ".json")) and all(spec.split("/")))
+    if repo_id:
+        return ModelSource("hub", spec, spec)
+    raise FileNotFoundError(f"no such file or directory: {spec!r} (no such directory or checkpoint exists, and it "
+                            f"is no hub name); a model is {MODEL_KINDS_HELP}")
+
+
 def resolve_hf_dir(name_or_dir: str) -> str:
-    """A local directory with config.json and weights, downloading hub models if needed."""
-    if os.path.isdir(name_or_dir):
-        if not os.path.isfile(os.path.join(name_or_dir, "config.json")):
-            raise FileNotFoundError(f"{name_or_dir} has no config.json; a Hugging Face GPT-2 directory "
-                                    "holds config.json and model.safetensors or pytorch_model.bin")
-        return name_or_dir
-    if name_or_dir not in HF_MODELS and (os.sep in name_or_dir or name_or_dir.startswith(".")):
-        raise FileNotFoundError(f"no such directory or checkpoint: {name_or_dir}")
+    """A local directory with config.json and weights, downloading a hub model if needed."""
+    source = resolve_model(name_or_dir)
+    if source.kind == "checkpoint":
+        raise ValueError(f"{name_or_dir} is one of our checkpoints, not a Hugging Face model; "
+                         "load it with GPT.load / GPT.from_checkpoint")
+    if source.kind == "hf_dir":
+        return source.path
     from huggingface_hub import hf_hub_download
     from huggingface_hub.errors import EntryNotFoundError
-    repo = "openai-community/" + name_or_dir if name_or_dir.startswith("gpt2") else \
-        ("distilbert/distilgpt2" if name_or_dir == "distilgpt2" else name_or_dir)
     try:
-        cfg = hf_hub_download(repo, "config.json")
+        cfg = hf_hub_download(source.path, "config.json")
         try:
-            hf_hub_download(repo, "model.safetensors")
+            hf_hub_download(source.path, "model.safetensors")
         except EntryNotFoundError:
-            hf_hub_download(repo, "pytorch_model.bin")
+            hf_hub_download(source.path, "pytorch_model.bin")
     except Exception as e:  # offline, unknown repo, ...
         raise RuntimeError(
-            f"could not download {name_or_dir!r} from the Hugging Face hub ({type(e).__name__}: {e}). "
-            "Offline? Pass a local directory in Hugging Face layout instead (config.json plus "
-            "model.safetensors or pytorch_model.bin), e.g. one written by "
-            "transformers' save_pretrained or `huggingface-cli download openai-community/gpt2 --local-dir gpt2`."
+            f"{name_or_dir!r} is no local file or directory, and downloading it from the Hugging Face hub "
+            f"({source.path}) failed ({type(e).__name__}: {str(e)[:300]}). Offline? Pass a local directory in "
+            "Hugging Face layout instead (config.json plus model.safetensors or pytorch_model.bin), e.g. one "
+            "written by `huggingface-cli download openai-community/gpt2 --local-dir gpt2` on a machine with network."
         ) from e
     return os.path.dirname(cfg)
 
