@@ -1,34 +1,38 @@
 """
-The whole GPT in one file: config, attention, block, pluggable MLP (dense or
-Kronecker-factored; low-rank and shared-basis baselines; any linear layer chosen
-by GPTConfig.compress_targets), weight tying, loading GPT-2 checkpoints, compression,
-checkpoints and generation with a KV cache.
+The whole GPT in one file: the config, which linear layers are compressed and how (one registry
+of methods), attention, MLP, block, the GPT itself with weight tying, compression of a dense
+GPT-2, loading GPT-2 checkpoints and our own, and generation with a KV cache.
 
-References: GPT-2 (Radford et al. 2019), nanoGPT, Krony-PT (seeds/001).
-The Kronecker math itself lives in kronecker.py.
+References: GPT-2 (Radford et al. 2019), nanoGPT, Krony-PT (Ben Ayad, Mitrovic, Granitzer).
+The Kronecker math lives in kronecker.py, the low-rank layers in lowrank.py.
 """
 from __future__ import annotations
 
 import json
 import math
 import os
-import tempfile
-from dataclasses import asdict, dataclass, fields
+from copy import deepcopy
+from dataclasses import asdict, dataclass, fields, replace
 from fnmatch import fnmatchcase
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 import torch.nn as nn
 from torch.nn import functional as F
 
-from kronecker import INITS, KronLinear, frozen_kron_weights, swap_hidden_order
+import storage
+from kronecker import INITS, KronLinear, a_shape_for, b_shape_for, frozen_kron_weights, swap_hidden_order
 from lowrank import LowRankLinear, SharedBasisLinear, init_shared_group, tie_bases
 
-MLP_KINDS = ("dense", "kron", "lowrank", "shared")   # also the methods a compress target may use
 LINEAR_NAMES = ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")  # the linears of a Block
-# the per-layer options, as GPTConfig fields; a compress target may set each of them
-LINEAR_OPTIONS = ("kron_shape", "kron_factors", "kron_scalars", "kron_init", "kron_sparse",
-                  "lowrank_rank", "share_group")
+# the options a compress target may set for its layers; each is also a GPTConfig field (its default)
+LINEAR_OPTIONS = ("kron_shape", "kron_b_shape", "kron_factors", "kron_scalars", "kron_init", "kron_sparse",
+                  "prune_b_second", "lowrank_rank", "share_group")
+# fields that say how a model was initialised, not what it is: a checkpoint may differ in them
+INIT_ONLY = ("dropout", "kron_init", "prune_b_second", "kron_permute")
+PERMUTE_OPTIONS = (None, "hidden", "hidden+residual")
+# the fields that fix every tensor's shape outside the compressed layers
+DIMENSIONS = ("block_size", "vocab_size", "n_layer", "n_head", "n_embd", "bias", "layer_norm_epsilon")
 
 
 @dataclass
@@ -41,47 +45,56 @@ class GPTConfig:
     dropout: float = 0.0
     bias: bool = True                 # biases in Linears and LayerNorms, as GPT-2
     layer_norm_epsilon: float = 1e-5
-    # MLP: "dense" (GPT-2), "kron" (W = sum_i s_i A_i (x) B_i, Krony-PT), "lowrank" (W = U V)
-    # or "shared" (W_l = C_l B, one basis B per group of share_group consecutive layers)
+    untied_head: bool = False         # the output matrix a separate copy of wte (KnGPT-2, TQCompressedGPT2)
+    # The MLPs: "dense" (GPT-2), "kron" (W = sum_i s_i A_i (x) B_i, Krony-PT), "lowrank" (W = U V)
+    # or "shared" (W_l = C_l B, one basis B per group of share_group consecutive layers); see METHODS.
     mlp: str = "dense"
-    kron_shape: Optional[tuple] = None  # shape (m1, n1) of A for c_fc (4*n_embd, n_embd); c_proj uses (n1, m1)
-    kron_factors: int = 1               # k
-    kron_scalars: bool = False          # one trained scalar s_i per factor
-    kron_init: str = "vl-norm"          # vl | vl-norm | prune | random (used when compressing dense weights)
-    kron_sparse: float = 0.0            # p: also keep the largest fraction p of W - W_hat, sparse (seeds/003)
-    lowrank_rank: Optional[int] = None  # rank r of "lowrank", basis size of "shared"
-    share_group: int = 2                # "shared": consecutive (selected) layers per basis
-    # Which linears to compress, and how (see linear_spec): a list of dicts such as
-    # {"pattern": "mlp.c_fc", "layers": "odd", "method": "kron", "kron_shape": [1536, 384]}.
-    # Empty: the paper's setup, every MLP by `mlp`, attention dense.
+    kron_shape: Optional[tuple] = None    # A (m1, n1) for c_fc (4*n_embd, n_embd); c_proj uses (n1, m1)
+    kron_b_shape: Optional[tuple] = None  # or B (m2, n2) for c_fc, the same at any width; c_proj uses (n2, m2)
+    kron_factors: int = 1                 # k
+    kron_scalars: bool = False            # one trained scalar s_i per factor
+    kron_init: str = "vl-norm"            # vl | vl-norm | prune | random (when compressing dense weights)
+    kron_sparse: float = 0.0              # p: also keep the largest fraction p of W - W_hat, sparse
+    prune_b_second: float = 0.1           # prune's B = [1, prune_b_second] (the original code used 0)
+    kron_permute: Optional[str] = None    # None | "hidden" | "hidden+residual": free permutations first
+    lowrank_rank: Optional[int] = None    # rank r of "lowrank", basis size of "shared"
+    share_group: int = 2                  # "shared": consecutive (selected) layers per basis
+    # Which linears to compress, and how: a list of dicts such as
+    # {"pattern": "mlp.c_fc", "layers": "odd", "method": "kron", "kron_shape": [1536, 384]}, the first
+    # that selects a layer wins; the mlp / kron_* / lowrank_* fields above are the implicit last
+    # target (every MLP), and attention stays dense unless a target says otherwise.
     compress_targets: tuple = ()
 
     def __post_init__(self):
-        if self.kron_shape is not None:
-            self.kron_shape = tuple(int(s) for s in self.kron_shape)
-        if self.mlp not in MLP_KINDS:
-            raise ValueError(f"unknown mlp {self.mlp!r}; choose one of {MLP_KINDS}")
-        if self.mlp == "kron" and self.kron_shape is None:
-            raise ValueError("mlp='kron' needs kron_shape=(m1, n1), the shape of A for c_fc "
-                             f"({4 * self.n_embd}, {self.n_embd}); see `python kronecker.py plan`")
-        if self.kron_init not in INITS:
-            raise ValueError(f"unknown kron_init {self.kron_init!r}; choose one of {', '.join(INITS)}")
+        for name in ("block_size", "vocab_size", "n_layer", "n_head", "n_embd"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
+                raise ValueError(f"{name}={getattr(self, name)!r} must be a positive integer")
         if self.n_embd % self.n_head:
             raise ValueError(f"n_embd={self.n_embd} must be divisible by n_head={self.n_head}")
-        if not 0.0 <= self.kron_sparse <= 1.0:
-            raise ValueError(f"kron_sparse={self.kron_sparse} must be a fraction in [0, 1]")
-        if self.mlp in ("lowrank", "shared") and not self.lowrank_rank:
-            raise ValueError(f"mlp={self.mlp!r} needs lowrank_rank=r; `python lowrank.py plan-rank` "
-                             "gives the rank matching a Kronecker size")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"dropout={self.dropout} must be in [0, 1)")
+        self.kron_shape = _pair(self.kron_shape, "kron_shape", "")
+        self.kron_b_shape = _pair(self.kron_b_shape, "kron_b_shape", "")
+        if self.kron_permute not in PERMUTE_OPTIONS:
+            raise ValueError(f"kron_permute={self.kron_permute!r}; choose None, 'hidden' or 'hidden+residual'")
         if isinstance(self.compress_targets, str):     # from a command line: JSON
             self.compress_targets = json.loads(self.compress_targets)
-        self.compress_targets = tuple(normalize_target(t, self) for t in self.compress_targets or ())
+        self.compress_targets = tuple(check_target(t, self, f"target {t.get('pattern')!r}: " if isinstance(t, dict)
+                                                   else "") for t in self.compress_targets or ())
+        # the paper's setup: every MLP by the fields above (checked like any target)
+        implicit = {"pattern": "mlp.*", "layers": "all", "method": self.mlp}
+        implicit.update({k: getattr(self, k) for k in LINEAR_OPTIONS if getattr(self, k) is not None})
+        self.targets = self.compress_targets + (check_target(implicit, self, where=""),)
+        if self.kron_permute and not any(t["method"] == "kron" and t["kron_init"] in ("vl", "vl-norm")
+                                         and fnmatchcase("mlp.c_fc", t["pattern"]) for t in self.targets):
+            raise ValueError(f"kron_permute={self.kron_permute!r} reorders the MLPs for a Van Loan init: it needs "
+                             "Kronecker MLPs with kron_init 'vl' or 'vl-norm'")
 
     def to_dict(self) -> dict:
         d = asdict(self)
-        d["kron_shape"] = list(self.kron_shape) if self.kron_shape is not None else None
-        d["compress_targets"] = [{**t, "kron_shape": list(t["kron_shape"]) if t["kron_shape"] else None,
-                                  "layers": t["layers"] if isinstance(t["layers"], str) else list(t["layers"])}
+        for key in ("kron_shape", "kron_b_shape"):
+            d[key] = list(d[key]) if d[key] is not None else None
+        d["compress_targets"] = [{k: list(v) if isinstance(v, tuple) else v for k, v in t.items()}
                                  for t in self.compress_targets]
         return d
 
@@ -93,6 +106,201 @@ class GPTConfig:
             raise ValueError(f"unknown GPTConfig fields {sorted(unknown)}; known: {sorted(known)}")
         return cls(**d)
 
+
+def architecture(config: GPTConfig) -> dict:
+    """What a model is, as a dict: the config without the fields that say how it was initialised
+    (two configs with equal architectures hold the same tensors)."""
+    d = config.to_dict()
+    for key in INIT_ONLY:
+        d.pop(key)
+    d["compress_targets"] = [{k: v for k, v in t.items() if k not in INIT_ONLY} for t in d["compress_targets"]]
+    return d
+
+
+# -----------------------------------------------------------------------------
+# Compression methods: how one linear layer of a Block is built, and set from the dense weight it
+# replaces. Adding a method means writing its layer and its init, and one entry in METHODS.
+
+@dataclass(frozen=True)
+class Method:
+    build: Callable[[dict, int, int, bool], nn.Module]    # (spec, in_features, out_features, bias) -> layer
+    init: Optional[Callable[[nn.Module, torch.Tensor, dict], None]] = None   # (layer, dense W (out, in), spec)
+    requires: tuple = ()                                   # options that must be set
+    # layers that share tensors (one basis per group) are set together instead: (layers, weights)
+    init_group: Optional[Callable[[list, list], None]] = None
+
+
+def kron_a_shape(spec: dict, out_features: int, in_features: int) -> tuple[int, int]:
+    """The A shape of a Kronecker layer (out, in): kron_shape is A for the out >= in orientation
+    (c_fc), kron_b_shape is B for it; the other orientation (c_proj) uses them transposed."""
+    wide = out_features >= in_features
+    if spec["kron_shape"] is not None:
+        m1, n1 = spec["kron_shape"]
+        return (m1, n1) if wide else (n1, m1)
+    m2, n2 = spec["kron_b_shape"]
+    return a_shape_for((out_features, in_features), (m2, n2) if wide else (n2, m2), spec["kron_factors"])
+
+
+def build_kron(spec: dict, in_features: int, out_features: int, bias: bool) -> KronLinear:
+    return KronLinear(in_features, out_features, kron_a_shape(spec, out_features, in_features),
+                      spec["kron_factors"], bias=bias, scalars=spec["kron_scalars"], sparse=spec["kron_sparse"])
+
+
+def init_kron(layer: KronLinear, W: torch.Tensor, spec: dict) -> None:
+    if spec["kron_init"] == "random":       # the spread of the dense layer it replaces, not the factors'
+        layer.init_random(W.float().std().item())
+    else:
+        layer.init_from_weight(W, spec["kron_init"], spec["svd"], prune_b_second=spec["prune_b_second"])
+
+
+METHODS = {
+    "dense": Method(build=lambda spec, i, o, bias: nn.Linear(i, o, bias=bias)),
+    "kron": Method(build=build_kron, init=init_kron),
+    "lowrank": Method(build=lambda spec, i, o, bias: LowRankLinear(i, o, spec["lowrank_rank"], bias=bias),
+                      init=lambda layer, W, spec: layer.init_from_weight(W), requires=("lowrank_rank",)),
+    "shared": Method(build=lambda spec, i, o, bias: SharedBasisLinear(i, o, spec["lowrank_rank"], bias=bias),
+                     init_group=init_shared_group, requires=("lowrank_rank",)),
+}
+MLP_KINDS = tuple(METHODS)
+
+
+def linear_shapes(config: GPTConfig) -> dict[str, tuple[int, int]]:
+    """(out, in) of every linear of a Block."""
+    d = config.n_embd
+    return {"attn.c_attn": (3 * d, d), "attn.c_proj": (d, d), "mlp.c_fc": (4 * d, d), "mlp.c_proj": (d, 4 * d)}
+
+
+def _pair(value, key: str, where: str) -> tuple[int, int] | None:
+    if value is None:
+        return None
+    try:
+        pair = tuple(int(v) for v in value)
+    except (TypeError, ValueError):
+        pair = ()
+    if len(pair) != 2 or min(pair) < 1 or any(float(v) != int(v) for v in value):
+        raise ValueError(f"{where}{key}={value!r} must be a pair of positive integers, e.g. (2, 2)")
+    return pair
+
+
+def check_target(t: dict, config: GPTConfig, where: str = "") -> dict:
+    """A compress target with every key filled in (options default to the config's fields), checked:
+    the one place where compression settings are validated, against the model's matrix shapes too.
+
+    pattern: a glob over LINEAR_NAMES ("mlp.c_fc", "attn.*", ...); layers: "all", "odd" (h.1, h.3, ...,
+    as KnGPT-2 / TQCompressedGPT2), "even" or a list of layer indices; method: a key of METHODS;
+    plus any of LINEAR_OPTIONS. `where` starts every error message ("" for the config's own fields)."""
+    if not isinstance(t, dict):
+        raise ValueError(f"a compress target is a dict like {{'pattern': 'mlp.c_fc', 'layers': 'odd', "
+                         f"'method': 'kron', 'kron_shape': [1536, 384]}}, got {t!r}")
+    unknown = set(t) - {"pattern", "layers", "method", *LINEAR_OPTIONS}
+    if unknown:
+        raise ValueError(f"unknown compress target keys {sorted(unknown)}; known: pattern, layers, method, "
+                         + ", ".join(LINEAR_OPTIONS))
+    pattern = t.get("pattern", "")
+    names = [n for n in LINEAR_NAMES if fnmatchcase(n, pattern)]
+    if not names:
+        raise ValueError(f"target pattern {pattern!r} selects none of {', '.join(LINEAR_NAMES)} (globs like 'mlp.*' work)")
+    layers = t.get("layers", "all")
+    if isinstance(layers, str):
+        if layers not in ("all", "odd", "even"):
+            raise ValueError(f"target layers {layers!r}: use 'all', 'odd', 'even' or a list of layer indices")
+    else:
+        layers = tuple(sorted(int(i) for i in layers))
+        if any(not 0 <= i < config.n_layer for i in layers):
+            raise ValueError(f"target layers {list(layers)}: indices must be in 0..{config.n_layer - 1}")
+    method = t.get("method")
+    if method not in METHODS:
+        what = "mlp" if not where else f"{where}method"
+        raise ValueError(f"unknown {what} {method!r}; choose one of {MLP_KINDS}")
+    spec = {"pattern": pattern, "layers": layers, "method": method}
+    # a target that sets one of the two shape keys does not inherit the other from the config
+    own_shape = t.get("kron_shape") is not None or t.get("kron_b_shape") is not None
+    for k in LINEAR_OPTIONS:
+        inherit = not (own_shape and k in ("kron_shape", "kron_b_shape"))
+        spec[k] = t[k] if k in t else (getattr(config, k) if inherit else None)
+    spec["kron_shape"] = _pair(spec["kron_shape"], "kron_shape", where)
+    spec["kron_b_shape"] = _pair(spec["kron_b_shape"], "kron_b_shape", where)
+    for k in METHODS[method].requires:
+        if not spec[k]:
+            raise ValueError(f"{where}method {method!r} needs {k}" + (
+                "; `python lowrank.py plan-rank` gives the rank matching a Kronecker size" if k == "lowrank_rank" else ""))
+    if spec["lowrank_rank"] is not None and (not isinstance(spec["lowrank_rank"], int) or spec["lowrank_rank"] < 1):
+        raise ValueError(f"{where}lowrank_rank={spec['lowrank_rank']!r} must be a positive integer")
+    if not isinstance(spec["share_group"], int) or spec["share_group"] < 1:
+        raise ValueError(f"{where}share_group={spec['share_group']!r} must be a positive integer")
+    if not isinstance(spec["kron_factors"], int) or spec["kron_factors"] < 1:
+        raise ValueError(f"{where}kron_factors={spec['kron_factors']!r} must be a positive integer")
+    if spec["kron_init"] not in INITS:
+        raise ValueError(f"{where}unknown kron_init {spec['kron_init']!r}; choose one of {', '.join(INITS)}")
+    if not 0.0 <= spec["kron_sparse"] <= 1.0:
+        raise ValueError(f"{where}kron_sparse={spec['kron_sparse']} must be a fraction in [0, 1]")
+    if method == "kron":
+        d = config.n_embd
+        if spec["kron_shape"] is None and spec["kron_b_shape"] is None:
+            raise ValueError(f"{where}{'method' if where else 'mlp'}='kron' needs kron_shape=(m1, n1), the shape of A for c_fc ({4 * d}, {d}), "
+                             "or kron_b_shape=(m2, n2), the shape of B; see `python kronecker.py plan`")
+        if spec["kron_shape"] is not None and spec["kron_b_shape"] is not None:
+            raise ValueError(f"{where}set only one of kron_shape={spec['kron_shape']} (A) and "
+                             f"kron_b_shape={spec['kron_b_shape']} (B): each fixes the other")
+        shapes = linear_shapes(config)
+        for name in names:                      # every matrix this target selects must tile
+            out_f, in_f = shapes[name]
+            a = kron_a_shape(spec, out_f, in_f)
+            b = b_shape_for((out_f, in_f), a, spec["kron_factors"])
+            if spec["kron_init"] == "prune" and (spec["kron_factors"] != 1 or b not in ((2, 1), (1, 2))):
+                raise ValueError(f"{where}kron_init='prune' needs one factor with B of shape (2, 1) or (1, 2) "
+                                 f"(kron_b_shape=(2, 1) or (1, 2)); {name} gets A {a}, B {b}, k={spec['kron_factors']}")
+    return spec
+
+
+def selected_layers(layers, n_layer: int) -> list[int]:
+    if layers == "all":
+        return list(range(n_layer))
+    if layers in ("odd", "even"):
+        return list(range(1 if layers == "odd" else 0, n_layer, 2))
+    return list(layers)
+
+
+def linear_spec(config: GPTConfig, layer: int, name: str) -> dict:
+    """How the linear `name` (one of LINEAR_NAMES) of block `layer` is built: the first target that
+    selects it (the implicit MLP target last), else dense."""
+    for t in config.targets:
+        if fnmatchcase(name, t["pattern"]) and layer in selected_layers(t["layers"], config.n_layer):
+            return t
+    return {"method": "dense"}
+
+
+def make_linear(config: GPTConfig, layer: int, name: str, in_features: int, out_features: int) -> nn.Module:
+    """Every linear layer of a Block, built by the method linear_spec gives it."""
+    spec = linear_spec(config, layer, name)
+    return METHODS[spec["method"]].build(spec, in_features, out_features, config.bias)
+
+
+def shared_groups(config: GPTConfig) -> list[list[tuple[int, str]]]:
+    """(layer, name) groups that share one basis: the layers a "shared" target selects for one
+    name, in order, cut into runs of share_group."""
+    members: dict[tuple, list[int]] = {}
+    for layer in range(config.n_layer):
+        for name in LINEAR_NAMES:
+            spec = linear_spec(config, layer, name)
+            if spec["method"] == "shared":
+                members.setdefault((name, config.targets.index(spec), spec["share_group"]), []).append(layer)
+    return [[(layer, name) for layer in layers[i:i + g]]
+            for (name, _, g), layers in members.items() for i in range(0, len(layers), g)]
+
+
+def dense_weight(layer: nn.Module) -> torch.Tensor:
+    """The (out, in) weight a layer applies: factors multiplied out, plus a Kronecker layer's
+    sparse residual (for reports and exports; forward never does this)."""
+    if isinstance(layer, nn.Linear):
+        return layer.weight
+    W = layer.materialize()
+    sparse = getattr(layer, "sparse", None)
+    return W if sparse is None else W + sparse.to_dense().to(W.dtype)
+
+
+# -----------------------------------------------------------------------------
+# The transformer
 
 class KVCache:
     """Keys and values of every layer for generation, preallocated to block_size.
@@ -139,107 +347,6 @@ class CausalSelfAttention(nn.Module):
         return self.resid_dropout(self.c_proj(y))
 
 
-# -----------------------------------------------------------------------------
-# Which linear layers are compressed, and how: one place decides, make_linear builds
-
-def normalize_target(t: dict, config: GPTConfig) -> dict:
-    """A compress target with every key filled in (options default to the config's fields), checked.
-
-    pattern: a glob over LINEAR_NAMES ("mlp.c_fc", "attn.*", ...); layers: "all", "odd"
-    (h.1, h.3, ..., as KnGPT-2 / TQCompressedGPT2), "even" or a list of layer indices;
-    method: one of MLP_KINDS; plus any of LINEAR_OPTIONS."""
-    if not isinstance(t, dict):
-        raise ValueError(f"a compress target is a dict like {{'pattern': 'mlp.c_fc', 'layers': 'odd', "
-                         f"'method': 'kron', 'kron_shape': [1536, 384]}}, got {t!r}")
-    unknown = set(t) - {"pattern", "layers", "method", *LINEAR_OPTIONS}
-    if unknown:
-        raise ValueError(f"unknown compress target keys {sorted(unknown)}; known: pattern, layers, method, "
-                         + ", ".join(LINEAR_OPTIONS))
-    pattern = t.get("pattern", "")
-    if not any(fnmatchcase(n, pattern) for n in LINEAR_NAMES):
-        raise ValueError(f"target pattern {pattern!r} selects none of {', '.join(LINEAR_NAMES)} (globs like 'mlp.*' work)")
-    layers = t.get("layers", "all")
-    if isinstance(layers, str):
-        if layers not in ("all", "odd", "even"):
-            raise ValueError(f"target layers {layers!r}: use 'all', 'odd', 'even' or a list of layer indices")
-    else:
-        layers = tuple(sorted(int(i) for i in layers))
-        if any(not 0 <= i < config.n_layer for i in layers):
-            raise ValueError(f"target layers {list(layers)}: indices must be in 0..{config.n_layer - 1}")
-    spec = {"pattern": pattern, "layers": layers, "method": t.get("method"),
-            **{k: t.get(k, getattr(config, k)) for k in LINEAR_OPTIONS}}
-    if spec["kron_shape"] is not None:
-        spec["kron_shape"] = tuple(int(v) for v in spec["kron_shape"])
-    if spec["method"] not in MLP_KINDS:
-        raise ValueError(f"target {pattern!r}: method {spec['method']!r}; choose one of {MLP_KINDS}")
-    if spec["method"] == "kron" and spec["kron_shape"] is None:
-        raise ValueError(f"target {pattern!r}: method 'kron' needs kron_shape (A shape for the out >= in orientation)")
-    if spec["method"] in ("lowrank", "shared") and not spec["lowrank_rank"]:
-        raise ValueError(f"target {pattern!r}: method {spec['method']!r} needs lowrank_rank")
-    if spec["kron_init"] not in INITS:
-        raise ValueError(f"target {pattern!r}: unknown kron_init {spec['kron_init']!r}; choose one of {INITS}")
-    return spec
-
-
-def selected_layers(layers, n_layer: int) -> list[int]:
-    if layers == "all":
-        return list(range(n_layer))
-    if layers in ("odd", "even"):
-        return list(range(1 if layers == "odd" else 0, n_layer, 2))
-    return list(layers)
-
-
-def linear_spec(config: GPTConfig, layer: int, name: str) -> dict:
-    """How the linear `name` (one of LINEAR_NAMES) of block `layer` is built: the first
-    compress target that selects it, else the paper's default (MLP by config.mlp, attention dense)."""
-    for t in config.compress_targets:
-        if fnmatchcase(name, t["pattern"]) and layer in selected_layers(t["layers"], config.n_layer):
-            return t
-    if name.startswith("mlp."):
-        return {"method": config.mlp, **{k: getattr(config, k) for k in LINEAR_OPTIONS}}
-    return {"method": "dense"}
-
-
-def shared_groups(config: GPTConfig) -> list[list[tuple[int, str]]]:
-    """(layer, name) groups that share one basis: the layers a "shared" spec selects for one
-    name, in order, cut into runs of share_group."""
-    members: dict[tuple, list[int]] = {}
-    for layer in range(config.n_layer):
-        for name in LINEAR_NAMES:
-            spec = linear_spec(config, layer, name)
-            if spec["method"] == "shared":
-                which = config.compress_targets.index(spec) if "pattern" in spec else -1
-                members.setdefault((name, which, spec["share_group"]), []).append(layer)
-    return [[(layer, name) for layer in layers[i:i + g]]
-            for (name, _, g), layers in members.items() for i in range(0, len(layers), g)]
-
-
-def make_linear(config: GPTConfig, layer: int, name: str, in_features: int, out_features: int) -> nn.Module:
-    """Every linear layer of a Block: dense, Kronecker, low-rank or shared-basis, as linear_spec says.
-    kron_shape is the A shape when out >= in (c_fc); the transposed matrix (c_proj) uses (n1, m1)."""
-    spec = linear_spec(config, layer, name)
-    if spec["method"] == "dense":
-        return nn.Linear(in_features, out_features, bias=config.bias)
-    if spec["method"] == "kron":
-        m1, n1 = spec["kron_shape"]
-        a_shape = (m1, n1) if out_features >= in_features else (n1, m1)
-        return KronLinear(in_features, out_features, a_shape, spec["kron_factors"], bias=config.bias,
-                          scalars=spec["kron_scalars"], sparse=spec["kron_sparse"])
-    if spec["method"] == "lowrank":
-        return LowRankLinear(in_features, out_features, spec["lowrank_rank"], bias=config.bias)
-    return SharedBasisLinear(in_features, out_features, spec["lowrank_rank"], bias=config.bias)  # tied in GPT
-
-
-def dense_weight(layer: nn.Module) -> torch.Tensor:
-    """The (out, in) weight any layer make_linear builds applies: factors multiplied out,
-    plus a Kronecker layer's sparse residual (for reports and exports; forward never does this)."""
-    if isinstance(layer, nn.Linear):
-        return layer.weight
-    W = layer.materialize()
-    sparse = getattr(layer, "sparse", None)
-    return W if sparse is None else W + sparse.to_dense().to(W.dtype)
-
-
 class MLP(nn.Module):
 
     def __init__(self, config: GPTConfig, layer: int = 0):
@@ -270,6 +377,21 @@ class Block(nn.Module):
         return x + self.mlp(self.ln_2(x))
 
 
+def init_weights(module: nn.Module, std: float) -> None:
+    """A fresh random init of one module: embeddings and dense weights normal(std), factored layers
+    through their init_random(std) (the spread of their product), biases zero."""
+    if isinstance(module, nn.Embedding):
+        torch.nn.init.normal_(module.weight, mean=0.0, std=0.02)
+    elif isinstance(module, nn.Linear):
+        torch.nn.init.normal_(module.weight, mean=0.0, std=std)
+    elif hasattr(module, "init_random"):
+        module.init_random(std)
+    else:
+        return
+    if getattr(module, "bias", None) is not None:
+        torch.nn.init.zeros_(module.bias)
+
+
 class GPT(nn.Module):
 
     def __init__(self, config: GPTConfig):
@@ -283,27 +405,26 @@ class GPT(nn.Module):
             ln_f=nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon, bias=config.bias),
         ))
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
-        self.transformer.wte.weight = self.lm_head.weight  # weight tying: one tensor
+        if not config.untied_head:
+            self.transformer.wte.weight = self.lm_head.weight  # weight tying: one tensor
         for group in shared_groups(config):  # cross-layer basis sharing: one basis tensor per group, likewise
             tie_bases([self.transformer.h[layer].get_submodule(name) for layer, name in group])
-        self.apply(self._init_weights)
-        # GPT-2: scale the residual projections by 1/sqrt(2 * n_layer)
-        for name, p in self.named_parameters():
-            if name.endswith("c_proj.weight") or name.endswith("c_proj.A") or name.endswith("c_proj.B"):
-                torch.nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
+        # GPT-2's init: normal(0.02), zero biases, and the residual projections (c_proj) scaled by
+        # 1/sqrt(2 n_layer). A factored layer gets factors whose product has that spread, whatever
+        # its number of factors (factors of std 0.02 each would leave the product near 4e-4: no MLP).
+        for name, module in self.named_modules():
+            init_weights(module, 0.02 / math.sqrt(2 * config.n_layer) if name.endswith("c_proj") else 0.02)
 
-    def _init_weights(self, module: nn.Module) -> None:
-        if isinstance(module, nn.Linear):
-            torch.nn.init.normal_(module.weight, mean=0.0, std=0.02)
-            if module.bias is not None:
-                torch.nn.init.zeros_(module.bias)
-        elif isinstance(module, nn.Embedding):
-            torch.nn.init.normal_(module.weight, mean=0.0, std=0.02)
-
-    def num_params(self, include_wpe: bool = True) -> int:
-        """Parameter count as in the paper: the tied embedding counted once."""
+    def num_params(self, include_wpe: bool = True, include_head: bool = True) -> int:
+        """Parameter count as in the paper: a tied embedding / output matrix counted once.
+        include_head=False leaves out an untied output matrix (the KnGPT-2 / TQCompressedGPT2
+        convention, their '119M*'); a tied one is the embedding and always counted."""
         n = sum(p.numel() for p in self.parameters())  # parameters() yields a shared tensor once
-        return n if include_wpe else n - self.transformer.wpe.weight.numel()
+        if not include_wpe:
+            n -= self.transformer.wpe.weight.numel()
+        if not include_head and self.config.untied_head:
+            n -= self.lm_head.weight.numel()
+        return n
 
     def macs_per_token(self, seq_len: int | None = None) -> int:
         """Forward multiply-adds per token: every linear layer (compressed ones by the
@@ -314,9 +435,9 @@ class GPT(nn.Module):
                       for m in self.modules() if isinstance(m, nn.Linear) or hasattr(m, "macs_per_row"))
         return linears + 2 * self.config.n_layer * self.config.n_embd * T
 
-    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None,
-                cache: KVCache | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """idx (B, T) token ids -> logits (B, T, vocab), loss (mean cross-entropy, targets -1 ignored).
+    def hidden_states(self, idx: torch.Tensor, cache: KVCache | None = None,
+                      every_block: bool = False) -> list[torch.Tensor]:
+        """The residual stream (B, T, n_embd) after the last block, or after every block: [h_1, ..., h_L].
 
         With a KVCache, idx holds only the new tokens; they take positions cache.pos.. ."""
         B, T = idx.shape
@@ -325,25 +446,36 @@ class GPT(nn.Module):
             raise ValueError(f"sequence of {start + T} tokens is longer than block_size={self.config.block_size}")
         pos = torch.arange(start, start + T, dtype=torch.long, device=idx.device)
         x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))
+        states = []
         for i, block in enumerate(self.transformer.h):
             x = block(x, cache, i)
+            if every_block:
+                states.append(x)
         if cache is not None:
             cache.pos += T
-        logits = self.lm_head(self.transformer.ln_f(x))
+        return states if every_block else [x]
+
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, cache: KVCache | None = None,
+                return_hidden: bool = False):
+        """idx (B, T) token ids -> logits (B, T, vocab), loss (mean cross-entropy, targets -1 ignored;
+        targets of any memory layout). return_hidden=True adds a third output: the residual stream
+        after every block (for intermediate-layer distillation)."""
+        hidden = self.hidden_states(idx, cache, every_block=return_hidden)
+        logits = self.lm_head(self.transformer.ln_f(hidden[-1]))
         loss = None
         if targets is not None:
-            loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.view(-1), ignore_index=-1)
-        return logits, loss
+            loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1)
+        return (logits, loss, hidden) if return_hidden else (logits, loss)
 
     # ------------------------------------------------------------------ loading
 
     @classmethod
     def from_pretrained(cls, name_or_dir: str, **overrides) -> "GPT":
         """GPT-2 from the Hugging Face hub (gpt2, gpt2-medium, gpt2-large, gpt2-xl,
-        distilgpt2) or a local directory in Hugging Face layout, through
-        huggingface_hub + safetensors. Kronecker overrides (mlp="kron",
-        kron_shape=..., kron_factors, kron_scalars, kron_init) compress the MLPs
-        after loading; dropout may be overridden too."""
+        distilgpt2, owner/name) or a local directory in Hugging Face layout, through
+        huggingface_hub + safetensors. dropout and untied_head may be overridden; compression
+        overrides (mlp="kron", kron_shape=..., kron_factors, kron_scalars, kron_init, ...: any
+        GPTConfig field) compress the dense model after loading (see compress)."""
         directory = resolve_hf_dir(name_or_dir)
         with open(os.path.join(directory, "config.json")) as f:
             hf = json.load(f)
@@ -352,21 +484,22 @@ class GPT(nn.Module):
             raise ValueError(f"{name_or_dir}: activation_function={act!r} is not GPT-2's tanh GELU")
         config = GPTConfig(block_size=hf["n_positions"], vocab_size=hf["vocab_size"], n_layer=hf["n_layer"],
                            n_head=hf["n_head"], n_embd=hf["n_embd"],
-                           layer_norm_epsilon=hf.get("layer_norm_epsilon", 1e-5))
+                           layer_norm_epsilon=hf.get("layer_norm_epsilon", 1e-5),
+                           untied_head=not hf.get("tie_word_embeddings", True))
         model = cls(config)
         model.load_hf_state_dict(read_hf_weights(directory), source=name_or_dir)
-        dropout = overrides.pop("dropout", None)
-        if dropout is not None:
-            model = cls._with_dropout(model, dropout)
+        rebuild = {k: overrides.pop(k) for k in ("dropout", "untied_head") if k in overrides}
+        if rebuild:
+            model = model.rebuilt(**rebuild)
         if overrides:
             model, _ = compress(model, **overrides)
         return model
 
-    @classmethod
-    def _with_dropout(cls, model: "GPT", dropout: float) -> "GPT":
-        config = GPTConfig(**{**asdict(model.config), "dropout": dropout})
-        new = cls(config)
-        new.load_state_dict(model.state_dict())
+    def rebuilt(self, **changes) -> "GPT":
+        """A copy with config fields changed that keep every tensor (dropout, untied_head; an
+        untied output matrix starts as a copy of the embedding)."""
+        new = GPT(replace(self.config, **changes)).to(self.lm_head.weight.device)
+        new.load_state_dict(self.state_dict())
         return new
 
     @torch.no_grad()
@@ -374,13 +507,18 @@ class GPT(nn.Module):
         """Copy a GPT-2 state dict in Hugging Face naming (with or without the
         'transformer.' prefix, Conv1D (in, out) weights) into this dense model."""
         conv1d = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
-        ours = dict(self.named_parameters())            # the tied tensor appears once, as transformer.wte.weight
+        ours = dict(self.named_parameters())            # a tied tensor appears once, as transformer.wte.weight
         filled = set()
         for key, tensor in sd.items():
             name = key[len("transformer."):] if key.startswith("transformer.") else key
-            if name.endswith((".attn.bias", ".attn.masked_bias")) or name == "lm_head.weight":
-                continue  # causal-mask buffers; lm_head is tied to wte
-            target = "transformer." + name
+            if name.endswith((".attn.bias", ".attn.masked_bias")):
+                continue  # causal-mask buffers
+            if name == "lm_head.weight":
+                if not self.config.untied_head:
+                    continue  # tied to wte
+                target = name
+            else:
+                target = "transformer." + name
             if target not in ours:
                 raise ValueError(f"{source}: unexpected weight {key!r} of shape {tuple(tensor.shape)}; "
                                  "is this a GPT-2 checkpoint?")
@@ -398,10 +536,9 @@ class GPT(nn.Module):
     # -------------------------------------------------------------- checkpoints
 
     def save_checkpoint(self, path: str, **extra) -> None:
-        """Save weights + model config (+ anything in `extra`, e.g. optimizer state)
-        as one torch.save dict, atomically: a temp file in the same directory, then rename."""
-        ckpt = {"model": self.state_dict(), "model_config": self.config.to_dict(), **extra}
-        save_atomic(ckpt, path)
+        """Save weights + model config (+ anything in `extra`, e.g. optimizer state) as one
+        torch.save dict, atomically (storage.save_torch: a crash never leaves half a file)."""
+        storage.save_torch({"model": self.state_dict(), "model_config": self.config.to_dict(), **extra}, path)
 
     @classmethod
     def from_checkpoint(cls, path: str, map_location="cpu") -> "GPT":
@@ -411,18 +548,16 @@ class GPT(nn.Module):
         return model
 
     def load_checkpoint_weights(self, ckpt: dict, source: str = "checkpoint") -> None:
-        """Load ckpt['model'] after checking that it was saved with this model's config."""
+        """Load ckpt['model'] after checking that it was saved with this model's architecture."""
         saved = ckpt.get("model_config")
         if saved is not None:  # normalised, so fields added since it was saved take their defaults
-            saved = GPTConfig.from_dict(saved).to_dict()
-        mine = self.config.to_dict()
-        arch = lambda d: {k: v for k, v in d.items() if k not in ("dropout", "kron_init")}
-        if saved is not None and arch(saved) != arch(mine):
-            diff = {k: (saved.get(k), mine.get(k)) for k in arch(mine) if saved.get(k) != mine.get(k)}
-            raise ValueError(f"{source} was saved from another model configuration: "
-                             + ", ".join(f"{k}: checkpoint {a!r} vs model {b!r}" for k, (a, b) in diff.items())
-                             + ". Build the model with the checkpoint's config (GPT.from_checkpoint) "
-                             "or point to a checkpoint of this configuration.")
+            saved, mine = architecture(GPTConfig.from_dict(saved)), architecture(self.config)
+            diff = {k: (saved.get(k), mine.get(k)) for k in mine if saved.get(k) != mine.get(k)}
+            if diff:
+                raise ValueError(f"{source} was saved from another model configuration: "
+                                 + ", ".join(f"{k}: checkpoint {a!r} vs model {b!r}" for k, (a, b) in diff.items())
+                                 + ". Build the model with the checkpoint's config (GPT.from_checkpoint) "
+                                 "or point to a checkpoint of this configuration.")
         self.load_state_dict(ckpt["model"])
 
     @classmethod
@@ -487,7 +622,7 @@ def sample_next(logits: torch.Tensor, temperature: float = 1.0, top_k: int | Non
 
 
 # -----------------------------------------------------------------------------
-# Compression: dense GPT -> Kronecker GPT
+# Compression: dense GPT -> compressed GPT
 
 @dataclass
 class LayerReport:
@@ -495,69 +630,102 @@ class LayerReport:
     name: str               # "mlp.c_fc", "mlp.c_proj", "attn.c_proj", ...
     rel_error: float        # ||W - W_hat||_F / ||W||_F  (W_hat includes a sparse residual)
     retained_norm: float    # 100 * ||W_hat||_F / ||W||_F
+    # with kron_permute: the same two without the permutation, for comparison
+    rel_error_unpermuted: Optional[float] = None
+    retained_norm_unpermuted: Optional[float] = None
 
 
-def compress(model: GPT, mlp: str | None = None, kron_shape: tuple | None = None, kron_factors: int = 1,
-             kron_scalars: bool = False, kron_init: str = "vl-norm", kron_sparse: float = 0.0,
-             lowrank_rank: int | None = None, share_group: int = 2, compress_targets=(),
-             svd: str = "exact", verbose: bool = False) -> tuple[GPT, list[LayerReport]]:
-    """A new GPT whose selected linear layers (every MLP by `mlp`, or what compress_targets
-    select) are initialised from `model`'s dense weights; everything else (embeddings,
-    LayerNorms, biases, untouched linears) is copied bit-identically. mlp defaults to
-    "kron", or "dense" when compress_targets are given. Returns the model and a
-    per-layer report (paper Table 4 view)."""
-    if mlp is None:
-        mlp = "dense" if compress_targets else "kron"
-    config = GPTConfig(**{**asdict(model.config), "mlp": mlp, "kron_shape": kron_shape,
-                          "kron_factors": kron_factors, "kron_scalars": kron_scalars, "kron_init": kron_init,
-                          "kron_sparse": kron_sparse, "lowrank_rank": lowrank_rank, "share_group": share_group,
-                          "compress_targets": compress_targets})
-    new = GPT(config).to(model.lm_head.weight.device)
-    # Copy every tensor the two models share by name and shape; what is left are the compressed layers.
+def compress(model: GPT, config: GPTConfig | None = None, *, svd: str = "exact", verbose: bool = False,
+             **changes) -> tuple[GPT, list[LayerReport]]:
+    """A new GPT of `config` (or of model.config with `changes`, e.g. mlp="kron", kron_shape=(1536, 384))
+    whose compressed linear layers are initialised from `model`'s dense weights, each by its method's
+    init; everything else (embeddings, LayerNorms, biases, layers left dense) is copied bit-identically.
+    With `changes` and no mlp, mlp is "kron" (or "dense" when compress_targets are given).
+    Returns the model and a per-layer report (the paper's Table 4 view)."""
+    if config is None:
+        changes.setdefault("mlp", "dense" if changes.get("compress_targets") else "kron")
+        config = replace(model.config, **changes)
+    elif changes:
+        raise ValueError("compress() takes a config or field changes, not both")
+    changed = [k for k in DIMENSIONS if getattr(config, k) != getattr(model.config, k)]
+    if changed:
+        raise ValueError(f"compress(): the config must keep the model's dimensions; it changes {changed}")
+    device = model.lm_head.weight.device
+    source = permuted(model, config, svd) if config.kron_permute else model
+    new = GPT(config).to(device)
+    # Copy every tensor the two models share by name and shape; what is left are the compressed layers
+    # (an untied output matrix takes the source's, which for a tied source is the embedding).
     new_sd = new.state_dict()
-    sd = {k: v for k, v in model.state_dict().items() if k in new_sd and v.shape == new_sd[k].shape}
-    missing, _ = new.load_state_dict(sd, strict=False)
-    report, groups = [], {}
-    for i, (old, blk) in enumerate(zip(model.transformer.h, new.transformer.h)):
-        for name in LINEAR_NAMES:
-            dense, layer = old.get_submodule(name), blk.get_submodule(name)
-            if isinstance(layer, nn.Linear):
-                continue
-            if not isinstance(dense, nn.Linear):
-                raise ValueError(f"compress() needs h.{i}.{name} dense in the source model, found "
-                                 f"{type(dense).__name__} (load the dense GPT-2 first)")
-            W = dense.weight.detach()
-            if isinstance(layer, KronLinear):
-                layer.init_from_weight(W, linear_spec(config, i, name)["kron_init"], svd)
-            elif isinstance(layer, LowRankLinear):
-                layer.init_from_weight(W)
-            else:                              # shared basis: one SVD per group, below
-                groups.setdefault(id(layer.basis), []).append((layer, W))
-    for members in groups.values():
-        init_shared_group([m for m, _ in members], [w for _, w in members])
-    assert all(not isinstance(new.get_submodule(k.rsplit(".", 1)[0]), nn.Linear) for k in missing), missing
+    sd = {k: v for k, v in source.state_dict().items() if k in new_sd and v.shape == new_sd[k].shape}
+    new.load_state_dict(sd, strict=False)
+    groups: dict[int, tuple[Method, list, list]] = {}
     with torch.no_grad():
-        for i, (old, blk) in enumerate(zip(model.transformer.h, new.transformer.h)):
+        for i, (old, blk) in enumerate(zip(source.transformer.h, new.transformer.h)):
             for name in LINEAR_NAMES:
-                layer = blk.get_submodule(name)
+                dense, layer = old.get_submodule(name), blk.get_submodule(name)
                 if isinstance(layer, nn.Linear):
                     continue
-                W, W_hat = old.get_submodule(name).weight.float(), dense_weight(layer).float()
-                report.append(LayerReport(i, name, ((W - W_hat).norm() / W.norm()).item(),
-                                          100 * (W_hat.norm() / W.norm()).item()))
+                if not isinstance(dense, nn.Linear):
+                    raise ValueError(f"compress() needs h.{i}.{name} dense in the source model, found "
+                                     f"{type(dense).__name__} (load the dense GPT-2 first)")
+                spec = {**linear_spec(config, i, name), "svd": svd}
+                method = METHODS[spec["method"]]
+                W = dense.weight.detach()
+                if method.init_group is not None:   # one init per group of layers sharing a tensor
+                    _, layers, weights = groups.setdefault(id(layer.basis), (method, [], []))
+                    layers.append(layer)
+                    weights.append(W)
+                else:
+                    method.init(layer, W, spec)
+        for method, layers, weights in groups.values():
+            method.init_group(layers, weights)
+    report = compression_report(source, new)
+    if config.kron_permute:     # the same layers initialised without the permutation, for comparison
+        plain = compression_report(model, compress(model, replace(config, kron_permute=None), svd=svd)[0])
+        for r, p in zip(report, plain):
+            r.rel_error_unpermuted, r.retained_norm_unpermuted = p.rel_error, p.retained_norm
     if verbose:
         print(format_report(report))
     return new, report
 
 
+@torch.no_grad()
+def compression_report(dense: GPT, compressed: GPT) -> list[LayerReport]:
+    """Relative error and retained norm of every compressed linear against the dense one."""
+    report = []
+    for i, (old, blk) in enumerate(zip(dense.transformer.h, compressed.transformer.h)):
+        for name in LINEAR_NAMES:
+            layer = blk.get_submodule(name)
+            if isinstance(layer, nn.Linear):
+                continue
+            W, W_hat = old.get_submodule(name).weight.float(), dense_weight(layer).float()
+            report.append(LayerReport(i, name, ((W - W_hat).norm() / W.norm()).item(),
+                                      100 * (W_hat.norm() / W.norm()).item()))
+    return report
+
+
 def format_report(report: list[LayerReport]) -> str:
-    lines = ["| layer | matrix | rel. Frobenius error | retained norm % |", "|---|---|---|---|"]
-    lines += [f"| {r.layer} | {r.name} | {r.rel_error:.4f} | {r.retained_norm:.2f} |" for r in report]
+    permuted_too = any(r.rel_error_unpermuted is not None for r in report)
+    head = "| layer | matrix | rel. Frobenius error | retained norm % |"
+    lines = [head + (" error without permutation | retained without |" if permuted_too else ""),
+             "|---|---|---|---|" + ("---|---|" if permuted_too else "")]
+    for r in report:
+        line = f"| {r.layer} | {r.name} | {r.rel_error:.4f} | {r.retained_norm:.2f} |"
+        if permuted_too:
+            line += f" {r.rel_error_unpermuted:.4f} | {r.retained_norm_unpermuted:.2f} |"
+        lines.append(line)
     return "\n".join(lines)
 
 
+def permuted(model: GPT, config: GPTConfig, svd: str = "exact") -> GPT:
+    """A copy of the dense `model` with its MLP hidden units (and, for "hidden+residual", its residual
+    stream) reordered so that the Van Loan approximation config asks for loses less. Exactly the same
+    function: the permutations are free."""
+    raise NotImplementedError("kron_permute is not implemented yet")
+
+
 # -----------------------------------------------------------------------------
-# Files: the hub, Hugging Face directories, checkpoints
+# Files: what a user names as a model, the hub, Hugging Face directories, checkpoints
 
 # Hub names from_pretrained knows (any "owner/name" repository id works too) and their repositories.
 HUB_ALIASES = {"gpt2": "openai-community/gpt2", "gpt2-medium": "openai-community/gpt2-medium",
@@ -645,31 +813,15 @@ def read_hf_weights(directory: str) -> dict[str, torch.Tensor]:
     raise FileNotFoundError(f"{directory} has neither model.safetensors nor pytorch_model.bin")
 
 
-def save_atomic(obj, path: str) -> None:
-    """torch.save to a temp file beside `path`, then rename: a crash never leaves a half-written file."""
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp_", suffix=".pt")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-
-
 def load_checkpoint(path: str, map_location="cpu") -> dict:
+    """A checkpoint dict, or one clear error: missing, unreadable (truncated, corrupt), or not ours."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"no checkpoint at {path}")
     try:
         ckpt = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:
-        raise RuntimeError(f"{path} is not a readable checkpoint ({type(e).__name__}: {e}); "
-                           "it may be truncated or corrupt: use another one (e.g. ckpt_best.pt)") from e
-    if not isinstance(ckpt, dict) or "model" not in ckpt:
-        raise ValueError(f"{path} is not a Krony checkpoint (no 'model' entry)")
+        raise RuntimeError(f"{path} is not a readable checkpoint ({type(e).__name__}: {str(e)[:200]}); "
+                         "it may be truncated or corrupt: use another one (e.g. ckpt_best.pt)") from e
+    if not isinstance(ckpt, dict) or "model" not in ckpt or "model_config" not in ckpt:
+        raise ValueError(f"{path} is not a Krony checkpoint (no 'model' and 'model_config' entries)")
     return ckpt

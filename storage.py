@@ -71,6 +71,14 @@ def save_torch(obj, path: str) -> None:
     atomic_write(path, lambda f: torch.save(obj, f))
 
 
+def atomic_copy(src: str, dst: str) -> None:
+    """Copy the file src to dst, atomically."""
+    def copy(f: BinaryIO) -> None:
+        with open(src, "rb") as s:
+            shutil.copyfileobj(s, f, 1 << 24)
+    atomic_write(dst, copy)
+
+
 def write_json(obj, path: str) -> None:
     """json.dump (indented), atomically."""
     atomic_write(path, lambda f: f.write((json.dumps(obj, indent=2) + "\n").encode()))
