@@ -28,8 +28,8 @@ import torch.nn as nn
 from tqdm import tqdm
 
 from kronecker import b_shape_for
-from lowrank import format_rows, match_mlp_ranks
 from model import GPT, LINEAR_NAMES, compress
+from sizes import format_rows, match_mlp_ranks
 
 
 def load_tokens(path: str) -> np.ndarray:

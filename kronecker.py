@@ -1,11 +1,14 @@
 """
-Everything about Kronecker factors, in one place:
+Kronecker factors and the layer built from them:
 
+- the shapes: which A (m1, n1) and B (m2, n2) tile a weight,
 - the Van Loan-Pitsianis decomposition  W ~ sum_i A_i (x) B_i  (Frobenius-optimal),
 - KronLinear: a linear layer whose weight is sum_i s_i A_i (x) B_i, applied
-  without ever materialising the full weight,
+  without ever materialising the full weight (plus an optional sparse residual),
 - the initialisations of the Krony-PT paper (vl, vl-norm, prune, random),
-- the size planner:  python kronecker.py plan
+- the fast paths KronLinear takes, chosen by shape.
+
+`python kronecker.py plan` lists the valid shapes with their model sizes (sizes.py counts them).
 
 Conventions. A weight W has the nn.Linear layout (out, in). With A of shape
 (m1, n1) and B of shape (m2, n2), out = m1*m2 and in = n1*n2, and the
@@ -18,11 +21,10 @@ as an (n1, n2) matrix X (row-major), (A (x) B) x = vec(A X B^T).
 """
 from __future__ import annotations
 
-import argparse
 import contextlib
 import math
+import os
 import sys
-from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
@@ -36,6 +38,17 @@ SVD_METHODS = ("exact", "randomized")
 # -----------------------------------------------------------------------------
 # Shapes
 
+def shape_pair(shape, what: str = "kron_shape", sides: str = "(m1, n1)") -> tuple[int, int]:
+    """`shape` as a pair of ints, or a ValueError naming `what` (kron_shape for A, B shape for B)."""
+    try:
+        pair = tuple(int(s) for s in shape)
+    except (TypeError, ValueError):
+        pair = ()
+    if len(pair) != 2:
+        raise ValueError(f"{what} must be a pair {sides}, got {shape!r}")
+    return pair
+
+
 def divisors(n: int) -> list[int]:
     return [d for d in range(1, n + 1) if n % d == 0]
 
@@ -43,8 +56,19 @@ def divisors(n: int) -> list[int]:
 def rank_bound(a_shape: tuple[int, int], b_shape: tuple[int, int]) -> int:
     """Most Kronecker factors that can be non-zero: the rank of the rearranged
     (m1*n1, m2*n2) matrix is at most min(m1*n1, m2*n2)."""
-    (m1, n1), (m2, n2) = a_shape, b_shape
+    (m1, n1), (m2, n2) = shape_pair(a_shape), shape_pair(b_shape, "B shape", "(m2, n2)")
     return min(m1 * n1, m2 * n2)
+
+
+def check_factors(a_shape: tuple[int, int], b_shape: tuple[int, int], k: int) -> None:
+    """k must be between 1 and the rank bound of A (x) B."""
+    if k < 1:
+        raise ValueError(f"the number of Kronecker factors must be >= 1, got k={k}")
+    bound = rank_bound(a_shape, b_shape)
+    if k > bound:
+        raise ValueError(
+            f"k={k} Kronecker factors of A {a_shape} (x) B {b_shape} is more than the rank bound "
+            f"min(m1*n1, m2*n2) = {bound} of the rearranged matrix; choose k in 1..{bound}.")
 
 
 def b_shape_for(weight_shape: tuple[int, int], a_shape: tuple[int, int], k: int = 1) -> tuple[int, int]:
@@ -54,9 +78,7 @@ def b_shape_for(weight_shape: tuple[int, int], a_shape: tuple[int, int], k: int 
     larger than the rank bound of the rearranged matrix.
     """
     out_f, in_f = weight_shape
-    if len(tuple(a_shape)) != 2:
-        raise ValueError(f"kron_shape must be a pair (m1, n1), got {a_shape!r}")
-    m1, n1 = (int(s) for s in a_shape)
+    m1, n1 = shape_pair(a_shape)
     if m1 <= 0 or n1 <= 0 or out_f % m1 or in_f % n1:
         rows = ", ".join(str(d) for d in divisors(out_f))
         cols = ", ".join(str(d) for d in divisors(in_f))
@@ -66,14 +88,29 @@ def b_shape_for(weight_shape: tuple[int, int], a_shape: tuple[int, int], k: int 
             f"Valid m1: {rows}. Valid n1: {cols}. "
             f"Run `python kronecker.py plan` to see every valid shape with its size.")
     b = (out_f // m1, in_f // n1)
-    if k < 1:
-        raise ValueError(f"the number of Kronecker factors must be >= 1, got k={k}")
-    bound = rank_bound((m1, n1), b)
-    if k > bound:
-        raise ValueError(
-            f"k={k} Kronecker factors of A {(m1, n1)} (x) B {b} is more than the rank bound "
-            f"min(m1*n1, m2*n2) = {bound} of the rearranged matrix; choose k in 1..{bound}.")
+    check_factors((m1, n1), b, k)
     return b
+
+
+def a_shape_for(weight_shape: tuple[int, int], b_shape: tuple[int, int], k: int = 1) -> tuple[int, int]:
+    """The A shape that goes with `b_shape` for a weight of `weight_shape` (out, in).
+
+    Raises ValueError, listing valid choices, if B does not tile W or if k is
+    larger than the rank bound of the rearranged matrix.
+    """
+    out_f, in_f = weight_shape
+    m2, n2 = shape_pair(b_shape, "B shape", "(m2, n2)")
+    if m2 <= 0 or n2 <= 0 or out_f % m2 or in_f % n2:
+        rows = ", ".join(str(d) for d in divisors(out_f))
+        cols = ", ".join(str(d) for d in divisors(in_f))
+        raise ValueError(
+            f"B shape {tuple(b_shape)} does not tile a weight of shape (out={out_f}, in={in_f}): "
+            f"m2 must divide {out_f} and n2 must divide {in_f}. "
+            f"Valid m2: {rows}. Valid n2: {cols}. "
+            f"Run `python kronecker.py plan` to see every valid shape with its size.")
+    a = (out_f // m2, in_f // n2)
+    check_factors(a, (m2, n2), k)
+    return a
 
 
 # -----------------------------------------------------------------------------
@@ -85,7 +122,7 @@ def vl_rearrange(W: torch.Tensor, a_shape: tuple[int, int]) -> torch.Tensor:
     Each (m2, n2) block of W becomes one row of R(W), so that A (x) B maps to
     the rank-one matrix vec(A) vec(B)^T and the best sum of k Kronecker
     products is the best rank-k approximation of R(W)."""
-    m1, n1 = a_shape
+    m1, n1 = shape_pair(a_shape)
     return rearrange(W, "... (m1 m2) (n1 n2) -> ... (m1 n1) (m2 n2)", m1=m1, n1=n1)
 
 
@@ -98,8 +135,8 @@ def kron_decompose(W: torch.Tensor, a_shape: tuple[int, int], k: int = 1,
     top-k singular triplets (s_i, u_i, v_i) of the rearranged matrix.
     method="randomized" uses torch.svd_lowrank (faster for small k, approximate).
     """
-    m1, n1 = a_shape
-    m2, n2 = b_shape_for(tuple(W.shape[-2:]), a_shape, k)
+    m2, n2 = b_shape_for(tuple(W.shape[-2:]), a_shape, k)    # validates a_shape and k
+    m1, n1 = shape_pair(a_shape)
     if method not in SVD_METHODS:
         raise ValueError(f"unknown SVD method {method!r}; choose one of {SVD_METHODS}")
     work = W if W.dtype == torch.float64 else W.float()      # SVD in at least float32
@@ -120,297 +157,14 @@ def kron_sum(A: torch.Tensor, B: torch.Tensor, s: torch.Tensor | None = None) ->
     """sum_i s_i A_i (x) B_i as a dense (m1*m2, n1*n2) matrix. A: (k, m1, n1), B: (k, m2, n2)."""
     if s is not None:
         A = A * s.view(-1, 1, 1)
-    # operand order changes how einsum lowers the sum over k: B first measured ~2x faster
-    # forward+backward for 4 factors of (3, 3) (Krony-92M's materialised path), equal for k = 1
+    # operand order changes how einsum lowers the sum over k: B first is the faster one for
+    # several factors of a small B (Krony-92M's materialised path), and no slower for k = 1
     W = torch.einsum("kbd,kac->abcd", B, A)                   # (m1, m2, n1, n2)
     return rearrange(W, "m1 m2 n1 n2 -> (m1 m2) (n1 n2)")
 
 
 # -----------------------------------------------------------------------------
-# Sparse residual correction (seeds/003): W ~ W_hat + S
-
-def sparse_count(shape: tuple[int, int], fraction: float) -> int:
-    """Entries a sparse residual keeps for a weight of `shape` and fraction p:
-    round(p * out * in). It follows from p and the shape alone, so state dicts
-    of the same config always have the same shapes."""
-    if not 0.0 <= fraction <= 1.0:
-        raise ValueError(f"kron_sparse must be a fraction in [0, 1], got {fraction}")
-    numel = shape[0] * shape[1]
-    return min(numel, int(math.floor(fraction * numel + 0.5)))
-
-
-class SparseResidual(nn.Module):
-    """S (out, in) with nnz entries: trainable values at fixed (row, col) positions.
-
-    Init keeps the largest-magnitude fraction p of the residual R = W - W_hat, so the
-    squared error drops from ||R||^2 to ||R||^2 - ||S||^2. forward returns x S^T with a
-    sparse matmul; S is never densified. The positions are a buffer (int64 (2, nnz),
-    sorted row-major so the COO tensor is coalesced): index_bytes() is their memory."""
-
-    def __init__(self, out_features: int, in_features: int, fraction: float):
-        super().__init__()
-        self.out_features, self.in_features, self.fraction = out_features, in_features, fraction
-        nnz = sparse_count((out_features, in_features), fraction)
-        flat = torch.arange(nnz)                      # placeholder positions until init_from_residual
-        self.register_buffer("index", torch.stack([flat // in_features, flat % in_features]))
-        self.values = nn.Parameter(torch.zeros(nnz))
-
-    def extra_repr(self) -> str:
-        return f"p={self.fraction:g}, nnz={self.values.numel()}, index_bytes={self.index_bytes()}"
-
-    def index_bytes(self) -> int:
-        return self.index.numel() * self.index.element_size()
-
-    @torch.no_grad()
-    def init_from_residual(self, R: torch.Tensor) -> None:
-        """Keep the nnz largest-magnitude entries of the residual R (out, in)."""
-        nnz = self.values.numel()
-        flat = R.reshape(-1)
-        keep = flat.abs().topk(nnz, sorted=False).indices.sort().values   # row-major order: coalesced
-        self.index.copy_(torch.stack([keep // self.in_features, keep % self.in_features]))
-        self.values.copy_(flat[keep])
-
-    def to_dense(self) -> torch.Tensor:
-        S = torch.zeros(self.out_features, self.in_features, dtype=self.values.dtype, device=self.values.device)
-        return S.index_put((self.index[0], self.index[1]), self.values)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """x (..., in) -> x S^T (..., out); differentiable wrt the values and x."""
-        S = torch.sparse_coo_tensor(self.index, self.values.to(x.dtype), (self.out_features, self.in_features),
-                                    is_coalesced=True, check_invariants=False)
-        y = torch.sparse.mm(S, x.reshape(-1, self.in_features).t())        # (out, N)
-        return y.t().reshape(*x.shape[:-1], self.out_features).to(x.dtype)
-
-
-# -----------------------------------------------------------------------------
 # The Kronecker linear layer
-
-def factored_macs(a_shape: tuple[int, int], b_shape: tuple[int, int], k: int = 1) -> tuple[int, str]:
-    """Multiply-adds per input row of the cheaper contraction order, and that order.
-
-    "a_first": U = A X (m1*n1*n2), then U B^T (m1*n2*m2).
-    "b_first": V = X B^T (n1*n2*m2), then A V (m1*n1*m2).
-    The backward pass mirrors the forward (dX, dA, dB each cost one of the two
-    contractions again), so forward+backward costs 3x this, like a dense layer."""
-    (m1, n1), (m2, n2) = a_shape, b_shape
-    a_first = m1 * n1 * n2 + m1 * n2 * m2
-    b_first = n1 * n2 * m2 + m1 * n1 * m2
-    return (k * a_first, "a_first") if a_first <= b_first else (k * b_first, "b_first")
-
-
-# Below this arithmetic speed-up (dense multiply-adds / factored multiply-adds) the
-# two thin GEMMs and their layout copies lose to one big GEMM on the materialised
-# weight (measured with `python bench.py --sections layer`, CPU and GPU).
-MIN_FACTORED_SPEEDUP = 1.25
-# "*_bmm" paths: when both sides of B are at least this wide (B of (48, 24), (24, 24): the
-# 67M class), every row's small product with A runs as one batched GEMM and the layout
-# copies of the stacked paths disappear: forward+backward 1.15-1.45x faster there in
-# bench.py's interleaved timing (1.45-1.8x back to back). With a narrower B the per-row
-# products are too thin for a batched GEMM: B (32, 8) is 1.2-1.4x slower, (8, 8) 1.7-2.5x.
-MIN_BMM_B_SIDE = 12
-KRON_PATHS = ("materialised", "a_first", "b_first", "a_first_bmm", "b_first_bmm")
-# Up to this many input rows (decoding a few sequences), a tiny B multiplies plainly:
-# building thin_matmul's block-diagonal copy of B costs more than it saves (bench.py).
-FEW_ROWS = 8
-
-
-def kron_path(a_shape: tuple[int, int], b_shape: tuple[int, int], k: int = 1) -> str:
-    """The forward path for a layer of this shape: static, so torch.compile sees one graph."""
-    (m1, n1), (m2, n2) = a_shape, b_shape
-    macs, order = factored_macs(a_shape, b_shape, k)
-    if m1 * m2 * n1 * n2 < MIN_FACTORED_SPEEDUP * macs:
-        return "materialised"
-    return order + "_bmm" if min(m2, n2) >= MIN_BMM_B_SIDE else order
-
-
-def thin_group(row_factor: int, K: int, M: int) -> int:
-    """How many rows thin_matmul multiplies at once for an (R, K) @ (K, M) product whose R is a
-    multiple of row_factor: the largest g <= 8 dividing row_factor with g * max(K, M) <= 16,
-    when K and M are both at most 4 (B of 2x2, 3x3, 4x1, 1x4); 1 otherwise. A matrix-vector
-    product (M == 1, c_proj's B of 1x4 or 1x2) is grouped too: BLAS runs (R, 4) @ (4, 1)
-    forward+backward 3.5-6.5x slower than the grouped (R/4, 16) @ (16, 4) (bench.py)."""
-    if max(K, M) > 4:
-        return 1
-    return next(g for g in range(8, 0, -1) if row_factor % g == 0 and g * max(K, M) <= 16)
-
-
-def thin_matmul(x: torch.Tensor, w: torch.Tensor, group: int,
-                bias: torch.Tensor | None = None) -> torch.Tensor:
-    """x (R, K) @ w (K, M) for a tiny w, + bias (a (P*M,) vector that repeats every P rows).
-
-    BLAS runs an (R, 3) @ (3, 3) product far below its speed, so g consecutive rows go through
-    g copies of w on a block diagonal at once: (R/g, g*K) @ (g*K, g*M). That is g times the
-    multiply-adds of a step that has very few, and 5-10x faster (the layer is 5-15% faster;
-    bench.py). The bias is added in place: a fresh output-sized tensor would cost a second
-    pass over memory (and, over 32 MB, fresh pages from glibc on every call)."""
-    R, K = x.shape
-    M = w.shape[1]
-    if group > 1:
-        x, w = x.reshape(R // group, group * K), torch.block_diag(*[w] * group)
-    if bias is None:
-        return (x @ w).view(R, M)
-    P = bias.numel() // M                                   # a multiple of group
-    y = torch.matmul(x.view(R // P, P // group, group * K), w)   # (R/P, P/g, g*M), not a view
-    return y.add_(bias.view(P // group, group * M)).view(R, M)
-
-
-def swap_order(t: torch.Tensor, p: int, q: int) -> torch.Tensor:
-    """t (..., p*q) read as (..., p, q) -> (..., q*p) (a copy): a Kronecker layer's features
-    from one of their two index orders into the other. A layer's output feature (i1, i2) (row i1
-    of A, row i2 of B) sits at i1*m2 + i2 in the standard order, as in torch.kron and nn.Linear,
-    and at i2*m1 + i1 in the swapped order: swap_order(y, m1, m2) swaps, swap_order(y, m2, m1)
-    swaps back. The same holds for an input with (n1, n2)."""
-    return t.unflatten(-1, (p, q)).transpose(-1, -2).flatten(-2)
-
-
-def kron_matmul_a_first(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor,
-                        bias: torch.Tensor | None = None, swapped_in: bool = False) -> torch.Tensor:
-    """x (N, n1*n2) -> (N, m1*m2) = x (sum_i A_i (x) B_i)^T + bias as two plain GEMMs, A first.
-
-    Per row, Y = sum_i A_i X B_i^T with X = x.view(n1, n2). The k factors are
-    batched by stacking them into the GEMMs: along the output of the first and
-    along the reduction of the second (so the sum over i is free).
-    swapped_in: x's features come in (j2, j1) order (see swap_order), which is the
-    order the product with A reads, so the transposed copy of x is skipped."""
-    k, m1, n1 = A.shape
-    _, m2, n2 = B.shape
-    N = x.shape[0]
-    # .contiguous(): where N or n2 is 1 the reshapes are strided views, which BLAS
-    # multiplies several times slower than a copy costs (one-token decoding)
-    X = x.reshape(N, n2, n1) if swapped_in else x.view(N, n1, n2).transpose(1, 2)
-    Xt = X.reshape(N * n2, n1).contiguous()                             # (N*n2, n1)
-    U = Xt @ A.reshape(k * m1, n1).t()                                  # (N*n2, k*m1)
-    U = U.view(N, n2, k, m1).permute(0, 3, 2, 1).reshape(N * m1, k * n2).contiguous()  # (N*m1, k*n2)
-    Bt = B.transpose(1, 2).reshape(k * n2, m2)                         # (k*n2, m2)
-    group = thin_group(m1, k * n2, m2) if N > FEW_ROWS else 1
-    bias = None if bias is None else bias.to(U.dtype)
-    return thin_matmul(U, Bt, group, bias).view(N, m1 * m2)            # summed over i
-
-
-def kron_matmul_b_first(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor,
-                        bias: torch.Tensor | None = None, swapped_out: bool = False) -> torch.Tensor:
-    """Same product as kron_matmul_a_first, B first: V = X B_i^T, then Y = sum_i A_i V_i.
-    The product with A writes its output in (i2, i1) order; swapped_out returns it that
-    way (see swap_order) instead of copying it into the standard order."""
-    k, m1, n1 = A.shape
-    _, m2, n2 = B.shape
-    N = x.shape[0]
-    Bt = B.reshape(k * m2, n2).t()                                      # (n2, k*m2)
-    group = thin_group(n1, n2, k * m2) if N > FEW_ROWS else 1
-    V = thin_matmul(x.reshape(N * n1, n2), Bt, group)                   # (N*n1, k*m2), no input copy
-    # (N, m2, k*n1): a strided view for k = 1, else a copy
-    V = V.view(N, n1, k, m2).permute(0, 3, 2, 1).reshape(N, m2, k * n1)
-    At = A.transpose(0, 1).reshape(m1, k * n1).t()                      # (k*n1, m1)
-    if bias is not None:
-        bias = bias.to(V.dtype)
-    if m2 == 1 and bias is not None:                        # both orders are one: the bias in the GEMM
-        return torch.addmm(bias, V.view(N, k * n1), At)
-    if swapped_out and bias is not None and N * m2 >= k * n1:
-        # the bias rides in the GEMM: row (n, i2) of V gets the one-hot of i2 appended and A^T
-        # gets the bias as m2 more rows, so [V, e_i2] @ [A^T; bias[:, i2]^T] = V A^T + bias.
-        # That saves a pass over the output forward and the bias gradient's sum backward
-        # (layer 8% faster in training), for a copy of A^T: worth it only where the output
-        # has more rows than A^T (not when decoding a few tokens).
-        onehot = torch.eye(m2, dtype=V.dtype, device=V.device).expand(N, m2, m2)
-        V = torch.cat([V, onehot], dim=2)                               # (N, m2, k*n1 + m2), a copy
-        Yt = torch.matmul(V, torch.cat([At, bias.view(m1, m2).t()]))    # (N, m2, m1)
-        return Yt.view(N, m2 * m1)
-    Yt = torch.matmul(V, At)                                # (N, m2, m1), summed over i; not a view
-    if swapped_out or m2 == 1:
-        return (Yt if bias is None else Yt.add_(bias.view(m1, m2).t())).view(N, m2 * m1)
-    Y = Yt.transpose(1, 2)                                              # (N, m1, m2), a strided view
-    if bias is None:
-        return Y.reshape(N, m1 * m2)                                    # a copy
-    # bias first: the sum then takes the bias's row-major layout, so adding the bias and
-    # copying Y into (N, m1*m2) order are one pass over the output instead of two
-    return (bias.view(m1, m2) + Y).view(N, m1 * m2)
-
-
-def summed_products(P: torch.Tensor, Q: torch.Tensor) -> torch.Tensor:
-    """sum_r P[r] @ Q[r]^T for P (N, a, c), Q (N, b, c): an (a, b) matrix.
-
-    A batched GEMM, then the sum over rows, a chunk of rows at a time: the (N, a, b)
-    products of all rows at once can exceed 32 MB, and glibc gives an allocation that
-    large fresh pages on every call (page faults made one such step 6x slower)."""
-    N, a, _ = P.shape
-    rows = max(1, (1 << 20) // (a * Q.shape[1]))            # chunks of <= 4 MB in float32
-    total = torch.zeros(a, Q.shape[1], dtype=P.dtype, device=P.device)
-    for s in range(0, N, rows):
-        total = total + torch.bmm(P[s:s + rows], Q[s:s + rows].transpose(1, 2)).sum(0)
-    return total
-
-
-def gram_product(P: torch.Tensor, Q: torch.Tensor) -> torch.Tensor:
-    """P^T Q for tall P (R, a), Q (R, b): a sum over R rows. BLAS runs it 1.3-1.5x faster with
-    the narrower operand transposed on the left ((R, 24) and (R, 48) or (R, 128): 1.5 vs 2.1 ms
-    at R = 131072), so the product is taken in that order and transposed back (a view)."""
-    return P.t() @ Q if P.shape[1] <= Q.shape[1] else (Q.t() @ P).t()
-
-
-class KronBmm(torch.autograd.Function):
-    """x (N, n1*n2) -> x (A (x) B)^T + bias for one factor, with no layout copy.
-
-    Per row, Y = A X B^T with X = x.view(n1, n2). The product with B acts on the
-    contiguous last dimension, so all rows make one plain GEMM; the product with A
-    acts on the middle dimension, so it runs as a batched GEMM over rows with A
-    broadcast (stride 0), which reads and writes every tensor in its natural layout.
-    a_first: U = A X, then Y = U B^T.  b_first: V = X B^T, then Y = A V.
-    The backward uses the same two forms: dX = A^T dY B, dA = sum_r dY_r B X_r^T,
-    dB = sum_r dY_r^T A X_r (a plain GEMM over all rows)."""
-
-    @staticmethod
-    def forward(ctx, x: torch.Tensor, A: torch.Tensor, B: torch.Tensor,
-                bias: torch.Tensor | None, a_first: bool) -> torch.Tensor:
-        (m1, n1), (m2, n2), N = A.shape, B.shape, x.shape[0]
-        X = x.view(N, n1, n2)
-        if a_first:
-            U = torch.bmm(A.expand(N, m1, n1), X)                           # (N, m1, n2)
-            Y = U.view(N * m1, n2) @ B.t()                                  # (N*m1, m2)
-            ctx.save_for_backward(X, A, B, U)
-        else:
-            V = (X.view(N * n1, n2) @ B.t()).view(N, n1, m2)                # (N, n1, m2)
-            Y = torch.bmm(A.expand(N, m1, n1), V)                           # (N, m1, m2)
-            ctx.save_for_backward(X, A, B, V)
-        Y = Y.view(N, m1 * m2)
-        if bias is not None:
-            Y.add_(bias)                                                    # Y is ours: in place
-        ctx.a_first, ctx.has_bias = a_first, bias is not None
-        return Y
-
-    @staticmethod
-    def backward(ctx, dy: torch.Tensor):
-        X, A, B, T = ctx.saved_tensors
-        (m1, n1), (m2, n2), N = A.shape, B.shape, X.shape[0]
-        dY = dy.contiguous().view(N, m1, m2)
-        At = A.t().expand(N, n1, m1)
-        if ctx.a_first:                                     # T = U = A X
-            dU = (dY.view(N * m1, m2) @ B).view(N, m1, n2)                  # dY B
-            dX = torch.bmm(At, dU)                                          # (N, n1, n2)
-            dA = summed_products(dU, X)                                     # sum_r dU_r X_r^T
-            dB = gram_product(dY.view(N * m1, m2), T.view(N * m1, n2))      # sum_r dY_r^T U_r
-        else:                                               # T = V = X B^T
-            dV = torch.bmm(At, dY)                                          # (N, n1, m2): A^T dY
-            dX = dV.view(N * n1, m2) @ B                                    # (N*n1, n2)
-            dA = summed_products(dY, T)                                     # sum_r dY_r V_r^T
-            dB = gram_product(dV.view(N * n1, m2), X.view(N * n1, n2))      # sum_r dV_r^T X_r
-        # the bias gradient as a matrix-vector product: BLAS reads dy 1.4x faster than sum(0) does
-        db = torch.mv(dy.t(), dy.new_ones(N)) if ctx.has_bias else None
-        return dX.view(N, n1 * n2), dA, dB, db, None
-
-
-def kron_matmul_bmm(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, bias: torch.Tensor | None,
-                    a_first: bool) -> torch.Tensor:
-    """x (N, n1*n2) -> (N, m1*m2) = x (sum_i A_i (x) B_i)^T + bias with KronBmm, one call per
-    factor (every big-B shape of the paper has k = 1). Under autocast the operands are cast
-    to the autocast dtype first, as nn.Linear's are, so the backward sees one dtype."""
-    dev = x.device.type
-    dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else x.dtype
-    x, A, B = x.to(dtype).contiguous(), A.to(dtype), B.to(dtype)       # views below need rows of n1*n2
-    y = KronBmm.apply(x, A[0], B[0], None if bias is None else bias.to(dtype), a_first)
-    for i in range(1, A.shape[0]):
-        y = y + KronBmm.apply(x, A[i], B[i], None, a_first)
-    return y
-
 
 class KronLinear(nn.Module):
     """y = x W^T + b with W = sum_i s_i A_i (x) B_i, never materialising W in forward.
@@ -423,13 +177,13 @@ class KronLinear(nn.Module):
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
         self.b_shape = b_shape_for((out_features, in_features), a_shape, k)  # validates a_shape, k
-        self.a_shape = (int(a_shape[0]), int(a_shape[1]))
+        self.a_shape = shape_pair(a_shape)
         self.k = k
         self.A = nn.Parameter(torch.empty(k, *self.a_shape))
         self.B = nn.Parameter(torch.empty(k, *self.b_shape))
         self.scalars = nn.Parameter(torch.ones(k)) if scalars else None
         self.bias = nn.Parameter(torch.zeros(out_features)) if bias else None
-        # optional sparse residual S (seeds/003): W = sum_i s_i A_i (x) B_i + S
+        # optional sparse residual S: W = sum_i s_i A_i (x) B_i + S
         self.sparse = SparseResidual(out_features, in_features, sparse) if sparse > 0 else None
         # one of KRON_PATHS, fixed by the shape (see kron_path);
         # a plain attribute so tests and benchmarks can force another path.
@@ -493,8 +247,31 @@ class KronLinear(nn.Module):
         return y.view(*x.shape[:-1], self.out_features)              # (..., m1*m2)
 
     @torch.no_grad()
-    def init_from_weight(self, W: torch.Tensor, init: str = "vl-norm", svd: str = "exact") -> None:
-        """Set the factors from a dense weight W (out, in) with one of INITS."""
+    def init_random(self, std: float = 0.02) -> None:
+        """Random factors whose dense weight sum_i A_i (x) B_i has entries of standard deviation
+        `std`, for any k. Each entry is a sum of k products a * b of independent zero-mean
+        normals, of variance k * std_A^2 * std_B^2; A and B each get std_A = std_B =
+        (std^2 / k)^(1/4), which makes it std^2 and keeps the two factors at the same scale.
+        Scalars start at 1 and the sparse residual's values at 0."""
+        if not std >= 0:
+            raise ValueError(f"init_random needs a standard deviation >= 0, got std={std}")
+        factor_std = (std ** 2 / self.k) ** 0.25
+        nn.init.normal_(self.A, std=factor_std)
+        nn.init.normal_(self.B, std=factor_std)
+        if self.scalars is not None:
+            self.scalars.fill_(1.0)
+        if self.sparse is not None:
+            self.sparse.values.zero_()
+
+    @torch.no_grad()
+    def init_from_weight(self, W: torch.Tensor, init: str = "vl-norm", svd: str = "exact",
+                         prune_b_second: float = 0.1) -> None:
+        """Set the factors from a dense weight W (out, in) with one of INITS.
+
+        "random" ignores W's values: a fresh weight of standard deviation 0.02, GPT-2's init
+        for a dense layer (init_random). The layer does not know where it sits in the model;
+        a model that gives its residual projections (c_proj) a smaller std sets that itself.
+        "prune" uses B = [1, prune_b_second] (see prune_factors)."""
         if init not in INITS:
             raise ValueError(f"unknown Kronecker init {init!r}; choose one of {', '.join(INITS)}")
         if tuple(W.shape) != (self.out_features, self.in_features):
@@ -503,18 +280,17 @@ class KronLinear(nn.Module):
         if self.scalars is not None:
             self.scalars.fill_(1.0)
         if init == "random":
-            nn.init.normal_(self.A, std=0.02)
-            nn.init.normal_(self.B, std=0.02)
+            self.init_random(0.02)
         elif init == "prune":
             if self.k > 1:
                 raise ValueError("init='prune' makes one factor; use k=1 (kron_factors=1)")
-            A, B = prune_factors(W, self.a_shape, self.b_shape)
+            A, B = prune_factors(W, self.a_shape, self.b_shape, prune_b_second)
             self.A.copy_(A[None])
             self.B.copy_(B[None])
         else:
             A, B = kron_decompose(W, self.a_shape, self.k, method=svd)
             if init == "vl-norm":
-                # paper 3.3.2: alpha = ||W|| / ||W_hat||, so the norms match exactly
+                # Krony-PT 3.3.2: alpha = ||W|| / ||W_hat||, so the norms match exactly
                 alpha = W.float().norm() / kron_sum(A.float(), B.float()).norm().clamp_min(1e-12)
                 if self.scalars is not None:
                     self.scalars.fill_(alpha.item())
@@ -542,6 +318,85 @@ class KronLinear(nn.Module):
         return layer
 
 
+def sparse_count(shape: tuple[int, int], fraction: float) -> int:
+    """Entries a sparse residual keeps for a weight of `shape` and fraction p:
+    round(p * out * in). It follows from p and the shape alone, so state dicts
+    of the same config always have the same shapes."""
+    if not 0.0 <= fraction <= 1.0:
+        raise ValueError(f"kron_sparse must be a fraction in [0, 1], got {fraction}")
+    numel = shape[0] * shape[1]
+    return min(numel, int(math.floor(fraction * numel + 0.5)))
+
+
+class SparseResidual(nn.Module):
+    """S (out, in) with nnz entries: trainable values at fixed (row, col) positions.
+
+    Init keeps the largest-magnitude fraction p of the residual R = W - W_hat, so the
+    squared error drops from ||R||^2 to ||R||^2 - ||S||^2. forward returns x S^T with a
+    sparse matmul; S is never densified. The positions are a buffer (int64 (2, nnz),
+    sorted row-major so the COO tensor is coalesced): index_bytes() is their memory."""
+
+    def __init__(self, out_features: int, in_features: int, fraction: float):
+        super().__init__()
+        self.out_features, self.in_features, self.fraction = out_features, in_features, fraction
+        nnz = sparse_count((out_features, in_features), fraction)
+        flat = torch.arange(nnz)                      # placeholder positions until init_from_residual
+        self.register_buffer("index", torch.stack([flat // in_features, flat % in_features]))
+        self.values = nn.Parameter(torch.zeros(nnz))
+
+    def extra_repr(self) -> str:
+        return f"p={self.fraction:g}, nnz={self.values.numel()}, index_bytes={self.index_bytes()}"
+
+    def index_bytes(self) -> int:
+        return self.index.numel() * self.index.element_size()
+
+    @torch.no_grad()
+    def init_from_residual(self, R: torch.Tensor) -> None:
+        """Keep the nnz largest-magnitude entries of the residual R (out, in)."""
+        nnz = self.values.numel()
+        flat = R.reshape(-1)
+        keep = flat.abs().topk(nnz, sorted=False).indices.sort().values   # row-major order: coalesced
+        self.index.copy_(torch.stack([keep // self.in_features, keep % self.in_features]))
+        self.values.copy_(flat[keep])
+
+    def to_dense(self) -> torch.Tensor:
+        S = torch.zeros(self.out_features, self.in_features, dtype=self.values.dtype, device=self.values.device)
+        return S.index_put((self.index[0], self.index[1]), self.values)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x (..., in) -> x S^T (..., out); differentiable wrt the values and x."""
+        S = torch.sparse_coo_tensor(self.index, self.values.to(x.dtype), (self.out_features, self.in_features),
+                                    is_coalesced=True, check_invariants=False)
+        y = torch.sparse.mm(S, x.reshape(-1, self.in_features).t())        # (out, N)
+        return y.t().reshape(*x.shape[:-1], self.out_features).to(x.dtype)
+
+
+# -----------------------------------------------------------------------------
+# Initialisations without an SVD
+
+def prune_factors(W: torch.Tensor, a_shape: tuple[int, int], b_shape: tuple[int, int],
+                  b_second: float = 0.1) -> tuple[torch.Tensor, torch.Tensor]:
+    """Krony-PT 3.3.3: A keeps every other row (B (2, 1)) or column (B (1, 2)) of W, and
+    B = [1, b_second]: the paper's text gives 0.1, its original code used 0.
+
+    A (x) B then reproduces the kept rows (columns) exactly and fills the others with
+    b_second times their neighbour (with b_second = 0, zeros). No SVD."""
+    a_shape, b_shape = shape_pair(a_shape), shape_pair(b_shape, "B shape", "(m2, n2)")
+    if b_shape == (2, 1):
+        A, B = W[0::2, :], torch.tensor([[1.0], [b_second]])
+    elif b_shape == (1, 2):
+        A, B = W[:, 0::2], torch.tensor([[1.0, b_second]])
+    else:
+        raise ValueError(
+            f"init='prune' needs B of shape (2, 1) or (1, 2) (the 96M class, A = (1536, 768) "
+            f"for GPT-2 small); this A shape {a_shape} gives B {b_shape}. Use init='vl' or 'vl-norm'.")
+    assert tuple(A.shape) == a_shape
+    return A.clone(memory_format=torch.contiguous_format), B.to(W)   # a copy, whatever W's strides
+
+
+# -----------------------------------------------------------------------------
+# Model-level helpers
+
 def swap_hidden_order(fc: nn.Module, proj: nn.Module) -> bool:
     """Let an MLP's c_fc write, and its c_proj read, the hidden features in the swapped order
     (see swap_order) where that saves both a layout copy; returns whether it did.
@@ -549,9 +404,9 @@ def swap_hidden_order(fc: nn.Module, proj: nn.Module) -> bool:
     c_fc on the b_first path computes its output in (i2, i1) order, and c_proj on the a_first
     path reads its input in (j2, j1) order (B of 3x3 or 2x2); in the standard order each would
     copy the whole hidden activation through a strided transpose, forward and backward (four
-    25 MB copies for 2048 tokens). Between the two the hidden features only pass through GELU,
-    which acts on each alone, so the MLP computes exactly the same function either way; the
-    parameters, checkpoints, materialize() and exports are unchanged."""
+    copies of the hidden activation per step). Between the two the hidden features only pass
+    through GELU, which acts on each alone, so the MLP computes exactly the same function either
+    way; the parameters, checkpoints, materialize() and exports are unchanged."""
     if not (isinstance(fc, KronLinear) and isinstance(proj, KronLinear)):
         return False
     (m1, _), (m2, _) = fc.a_shape, fc.b_shape
@@ -566,7 +421,7 @@ def swap_hidden_order(fc: nn.Module, proj: nn.Module) -> bool:
 def frozen_kron_weights(model):
     """Within this block, KronLinear layers on the materialised path build W once instead of
     on every forward without gradients. Decoding needs it: rebuilding W for each new token
-    makes Krony-92M (4 factors) 3x slower than dense GPT-2. The factors must not change
+    would make Krony-92M (4 factors) slower than dense GPT-2. The factors must not change
     inside the block; forwards that need gradients still use the live factors. `model` may
     be any callable (evaluation accepts stubs); only an nn.Module can hold KronLinear layers."""
     modules = model.modules() if isinstance(model, nn.Module) else []
@@ -582,116 +437,243 @@ def frozen_kron_weights(model):
             m.frozen_weight = w
 
 
-def prune_factors(W: torch.Tensor, a_shape: tuple[int, int],
-                  b_shape: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Paper 3.3.3: A keeps every other row (B (2,1)) or column (B (1,2)) of W, B = [1, 0.1].
-
-    A (x) B then reproduces the kept rows (columns) exactly and fills the others
-    with a tenth of their neighbour. No SVD."""
-    if b_shape == (2, 1):
-        A, B = W[0::2, :], torch.tensor([[1.0], [0.1]])
-    elif b_shape == (1, 2):
-        A, B = W[:, 0::2], torch.tensor([[1.0, 0.1]])
-    else:
-        raise ValueError(
-            f"init='prune' needs B of shape (2, 1) or (1, 2) (the 96M class, A = (1536, 768) "
-            f"for GPT-2 small); this A shape {a_shape} gives B {b_shape}. Use init='vl' or 'vl-norm'.")
-    assert tuple(A.shape) == tuple(a_shape)
-    return A.clone(), B.to(W)
-
-
 # -----------------------------------------------------------------------------
-# Size planner
+# Fast paths: x (sum_i A_i (x) B_i)^T without the dense weight
 
-def gpt_param_count(n_embd: int = 768, n_layer: int = 12, vocab: int = 50257, block_size: int = 1024,
-                    mlp_matrix_params: int | None = None, include_wpe: bool = True) -> int:
-    """Parameters of a GPT-2 with tied embeddings, biases and LayerNorms.
+def factored_macs(a_shape: tuple[int, int], b_shape: tuple[int, int], k: int = 1) -> tuple[int, str]:
+    """Multiply-adds per input row of the cheaper contraction order, and that order.
 
-    mlp_matrix_params: parameters of ONE MLP weight matrix (c_fc or c_proj, the
-    two are the same size); None means dense (4 * n_embd * n_embd)."""
-    d = n_embd
-    if mlp_matrix_params is None:
-        mlp_matrix_params = 4 * d * d
-    per_layer = (2 * d                        # ln_1
-                 + 3 * d * d + 3 * d          # attn.c_attn
-                 + d * d + d                  # attn.c_proj
-                 + 2 * d                      # ln_2
-                 + 2 * mlp_matrix_params      # mlp.c_fc, mlp.c_proj weights
-                 + 4 * d + d)                 # their biases
-    total = vocab * d + n_layer * per_layer + 2 * d  # wte (tied with lm_head), ln_f
-    return total + (block_size * d if include_wpe else 0)
+    "a_first": U = A X (m1*n1*n2), then U B^T (m1*n2*m2).
+    "b_first": V = X B^T (n1*n2*m2), then A V (m1*n1*m2).
+    The backward pass mirrors the forward (dX, dA, dB each cost one of the two
+    contractions again), so forward+backward costs 3x this, like a dense layer."""
+    (m1, n1), (m2, n2) = shape_pair(a_shape), shape_pair(b_shape, "B shape", "(m2, n2)")
+    a_first = m1 * n1 * n2 + m1 * n2 * m2
+    b_first = n1 * n2 * m2 + m1 * n1 * m2
+    return (k * a_first, "a_first") if a_first <= b_first else (k * b_first, "b_first")
 
 
-@dataclass
-class PlanRow:
-    a_shape: tuple[int, int]
-    b_shape: tuple[int, int]
-    matrix_params: int        # one MLP matrix: k * (m1*n1 + m2*n2) [+ k scalars]
-    rank_bound: int           # min(m1*n1, m2*n2): most useful factors
-    kron_rank: int            # min(m1,n1)*min(m2,n2): rank of one A (x) B
-    model_size: int           # with position embeddings
-    model_size_no_wpe: int
+# Below this arithmetic speed-up (dense multiply-adds / factored multiply-adds) the
+# two thin GEMMs and their layout copies lose to one big GEMM on the materialised
+# weight (see `python bench.py --sections layer`, CPU and GPU).
+MIN_FACTORED_SPEEDUP = 1.25
+# "*_bmm" paths: when both sides of B are at least this wide (B of (48, 24), (24, 24): the
+# 67M class), every row's small product with A runs as one batched GEMM and the layout
+# copies of the stacked paths disappear, which makes forward+backward faster there
+# (bench.py). With a narrower B the per-row products are too thin for a batched GEMM
+# and the stacked paths win.
+MIN_BMM_B_SIDE = 12
+KRON_PATHS = ("materialised", "a_first", "b_first", "a_first_bmm", "b_first_bmm")
+# Up to this many input rows (decoding a few sequences), a tiny B multiplies plainly:
+# building thin_matmul's block-diagonal copy of B costs more than it saves (bench.py).
+FEW_ROWS = 8
 
 
-def plan(n_embd: int = 768, n_layer: int = 12, vocab: int = 50257, block_size: int = 1024,
-         factors: int = 1, scalars: bool = False, max_rank_only: bool = False) -> list[PlanRow]:
-    """Every (A, B) shape for c_fc (4*n_embd, n_embd), with its size; sorted by size."""
-    out_f, in_f = 4 * n_embd, n_embd
-    rows = []
-    for m1 in divisors(out_f):
-        for n1 in divisors(in_f):
-            a, b = (m1, n1), (out_f // m1, in_f // n1)
-            if factors > rank_bound(a, b):
-                continue
-            kr = min(a) * min(b)
-            if max_rank_only and kr != n_embd:
-                continue
-            mp = factors * (a[0] * a[1] + b[0] * b[1] + (1 if scalars else 0))
-            rows.append(PlanRow(a, b, mp, rank_bound(a, b), kr,
-                                gpt_param_count(n_embd, n_layer, vocab, block_size, mp, True),
-                                gpt_param_count(n_embd, n_layer, vocab, block_size, mp, False)))
-    rows.sort(key=lambda r: (r.matrix_params, r.a_shape))
-    return rows
+def kron_path(a_shape: tuple[int, int], b_shape: tuple[int, int], k: int = 1) -> str:
+    """The forward path for a layer of this shape: static, so torch.compile sees one graph."""
+    (m1, n1), (m2, n2) = shape_pair(a_shape), shape_pair(b_shape, "B shape", "(m2, n2)")
+    macs, order = factored_macs(a_shape, b_shape, k)
+    if m1 * m2 * n1 * n2 < MIN_FACTORED_SPEEDUP * macs:
+        return "materialised"
+    return order + "_bmm" if min(m2, n2) >= MIN_BMM_B_SIDE else order
 
 
-def format_plan(rows: list[PlanRow]) -> str:
-    head = f"| {'A shape (c_fc)':<16} | {'B shape':<10} | {'params/matrix':>13} | {'rank bound':>10} | " \
-           f"{'rank A(x)B':>10} | {'model size':>13} | {'without wpe':>13} |"
-    sep = "|" + "|".join("-" * (len(c)) for c in head.split("|")[1:-1]) + "|"
-    lines = [head, sep]
-    for r in rows:
-        lines.append(f"| {str(r.a_shape):<16} | {str(r.b_shape):<10} | {r.matrix_params:>13,} | "
-                     f"{r.rank_bound:>10,} | {r.kron_rank:>10,} | {r.model_size:>13,} | {r.model_size_no_wpe:>13,} |")
-    return "\n".join(lines)
+def thin_group(row_factor: int, K: int, M: int) -> int:
+    """How many rows thin_matmul multiplies at once for an (R, K) @ (K, M) product whose R is a
+    multiple of row_factor: the largest g <= 8 dividing row_factor with g * max(K, M) <= 16,
+    when K and M are both at most 4 (B of 2x2, 3x3, 4x1, 1x4); 1 otherwise. A matrix-vector
+    product (M == 1, c_proj's B of 1x4 or 1x2) is grouped too: BLAS runs (R, 4) @ (4, 1)
+    forward+backward far slower than the grouped (R/4, 16) @ (16, 4) (bench.py)."""
+    if max(K, M) > 4:
+        return 1
+    return next(g for g in range(8, 0, -1) if row_factor % g == 0 and g * max(K, M) <= 16)
 
 
-def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(
-        prog="kronecker.py", description="Kronecker factor tools for Krony-PT.")
-    sub = p.add_subparsers(dest="cmd", required=True)
-    pp = sub.add_parser("plan", help="table of valid A/B shapes for the MLP matrices, with model sizes",
-                        description="Lists every A shape (m1, n1) that tiles c_fc (4*n_embd, n_embd); "
-                        "c_proj uses the transposed shapes. Sizes count the tied embedding once; "
-                        "'model size' includes the position embeddings, 'without wpe' leaves them out "
-                        "(the paper's '92.2M' convention).")
-    pp.add_argument("--n-embd", type=int, default=768)
-    pp.add_argument("--n-layer", type=int, default=12)
-    pp.add_argument("--vocab", type=int, default=50257)
-    pp.add_argument("--block-size", type=int, default=1024)
-    pp.add_argument("--factors", type=int, default=1, help="number k of Kronecker factors per matrix")
-    pp.add_argument("--scalars", action="store_true", help="count one trained scalar per factor")
-    pp.add_argument("--max-rank-only", action="store_true",
-                    help="only shapes with min(m1,n1)*min(m2,n2) = n_embd (the paper's Table 1)")
-    args = p.parse_args(argv)
-    if args.cmd == "plan":
-        rows = plan(args.n_embd, args.n_layer, args.vocab, args.block_size, args.factors,
-                    args.scalars, args.max_rank_only)
-        dense = gpt_param_count(args.n_embd, args.n_layer, args.vocab, args.block_size)
-        print(f"dense GPT-2 (n_embd={args.n_embd}, n_layer={args.n_layer}): {dense:,} parameters "
-              f"({gpt_param_count(args.n_embd, args.n_layer, args.vocab, args.block_size, include_wpe=False):,} without wpe); "
-              f"k={args.factors} factor(s){' with scalars' if args.scalars else ''}")
-        print(format_plan(rows))
+def thin_matmul(x: torch.Tensor, w: torch.Tensor, group: int,
+                bias: torch.Tensor | None = None) -> torch.Tensor:
+    """x (R, K) @ w (K, M) for a tiny w, + bias (a (P*M,) vector that repeats every P rows).
+
+    BLAS runs an (R, 3) @ (3, 3) product far below its speed, so g consecutive rows go through
+    g copies of w on a block diagonal at once: (R/g, g*K) @ (g*K, g*M). That is g times the
+    multiply-adds of a step that has very few, and much faster (bench.py). The bias is added
+    in place: a fresh output-sized tensor would cost a second pass over memory (and, when
+    large, fresh pages from glibc on every call)."""
+    R, K = x.shape
+    M = w.shape[1]
+    if group > 1:
+        x, w = x.reshape(R // group, group * K), torch.block_diag(*[w] * group)
+    if bias is None:
+        return (x @ w).view(R, M)
+    P = bias.numel() // M                                   # a multiple of group
+    y = torch.matmul(x.view(R // P, P // group, group * K), w)   # (R/P, P/g, g*M), not a view
+    return y.add_(bias.view(P // group, group * M)).view(R, M)
+
+
+def swap_order(t: torch.Tensor, p: int, q: int) -> torch.Tensor:
+    """t (..., p*q) read as (..., p, q) -> (..., q*p) (a copy): a Kronecker layer's features
+    from one of their two index orders into the other. A layer's output feature (i1, i2) (row i1
+    of A, row i2 of B) sits at i1*m2 + i2 in the standard order, as in torch.kron and nn.Linear,
+    and at i2*m1 + i1 in the swapped order: swap_order(y, m1, m2) swaps, swap_order(y, m2, m1)
+    swaps back. The same holds for an input with (n1, n2)."""
+    return t.unflatten(-1, (p, q)).transpose(-1, -2).flatten(-2)
+
+
+def kron_matmul_a_first(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor,
+                        bias: torch.Tensor | None = None, swapped_in: bool = False) -> torch.Tensor:
+    """x (N, n1*n2) -> (N, m1*m2) = x (sum_i A_i (x) B_i)^T + bias as two plain GEMMs, A first.
+
+    Per row, Y = sum_i A_i X B_i^T with X = x.view(n1, n2). The k factors are
+    batched by stacking them into the GEMMs: along the output of the first and
+    along the reduction of the second (so the sum over i is free).
+    swapped_in: x's features come in (j2, j1) order (see swap_order), which is the
+    order the product with A reads, so the transposed copy of x is skipped."""
+    k, m1, n1 = A.shape
+    _, m2, n2 = B.shape
+    N = x.shape[0]
+    # .contiguous(): where N or n2 is 1 the reshapes are strided views, which BLAS
+    # multiplies far slower than a copy costs (one-token decoding)
+    X = x.reshape(N, n2, n1) if swapped_in else x.view(N, n1, n2).transpose(1, 2)
+    Xt = X.reshape(N * n2, n1).contiguous()                             # (N*n2, n1)
+    U = Xt @ A.reshape(k * m1, n1).t()                                  # (N*n2, k*m1)
+    U = U.view(N, n2, k, m1).permute(0, 3, 2, 1).reshape(N * m1, k * n2).contiguous()  # (N*m1, k*n2)
+    Bt = B.transpose(1, 2).reshape(k * n2, m2)                         # (k*n2, m2)
+    group = thin_group(m1, k * n2, m2) if N > FEW_ROWS else 1
+    bias = None if bias is None else bias.to(U.dtype)
+    return thin_matmul(U, Bt, group, bias).view(N, m1 * m2)            # summed over i
+
+
+def kron_matmul_b_first(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor,
+                        bias: torch.Tensor | None = None, swapped_out: bool = False) -> torch.Tensor:
+    """Same product as kron_matmul_a_first, B first: V = X B_i^T, then Y = sum_i A_i V_i.
+    The product with A writes its output in (i2, i1) order; swapped_out returns it that
+    way (see swap_order) instead of copying it into the standard order."""
+    k, m1, n1 = A.shape
+    _, m2, n2 = B.shape
+    N = x.shape[0]
+    Bt = B.reshape(k * m2, n2).t()                                      # (n2, k*m2)
+    group = thin_group(n1, n2, k * m2) if N > FEW_ROWS else 1
+    V = thin_matmul(x.reshape(N * n1, n2), Bt, group)                   # (N*n1, k*m2), no input copy
+    # (N, m2, k*n1): a strided view for k = 1, else a copy
+    V = V.view(N, n1, k, m2).permute(0, 3, 2, 1).reshape(N, m2, k * n1)
+    At = A.transpose(0, 1).reshape(m1, k * n1).t()                      # (k*n1, m1)
+    if bias is not None:
+        bias = bias.to(V.dtype)
+    if m2 == 1 and bias is not None:                        # both orders are one: the bias in the GEMM
+        return torch.addmm(bias, V.view(N, k * n1), At)
+    if swapped_out and bias is not None and N * m2 >= k * n1:
+        # the bias rides in the GEMM: row (n, i2) of V gets the one-hot of i2 appended and A^T
+        # gets the bias as m2 more rows, so [V, e_i2] @ [A^T; bias[:, i2]^T] = V A^T + bias.
+        # That saves a pass over the output forward and the bias gradient's sum backward,
+        # for a copy of A^T: worth it only where the output has more rows than A^T (not
+        # when decoding a few tokens).
+        onehot = torch.eye(m2, dtype=V.dtype, device=V.device).expand(N, m2, m2)
+        V = torch.cat([V, onehot], dim=2)                               # (N, m2, k*n1 + m2), a copy
+        Yt = torch.matmul(V, torch.cat([At, bias.view(m1, m2).t()]))    # (N, m2, m1)
+        return Yt.view(N, m2 * m1)
+    Yt = torch.matmul(V, At)                                # (N, m2, m1), summed over i; not a view
+    if swapped_out or m2 == 1:
+        return (Yt if bias is None else Yt.add_(bias.view(m1, m2).t())).view(N, m2 * m1)
+    Y = Yt.transpose(1, 2)                                              # (N, m1, m2), a strided view
+    if bias is None:
+        return Y.reshape(N, m1 * m2)                                    # a copy
+    # bias first: the sum then takes the bias's row-major layout, so adding the bias and
+    # copying Y into (N, m1*m2) order are one pass over the output instead of two
+    return (bias.view(m1, m2) + Y).view(N, m1 * m2)
+
+
+def summed_products(P: torch.Tensor, Q: torch.Tensor) -> torch.Tensor:
+    """sum_r P[r] @ Q[r]^T for P (N, a, c), Q (N, b, c): an (a, b) matrix in P's dtype.
+
+    A batched GEMM, then the sum over rows, a chunk of rows at a time: the (N, a, b)
+    products of all rows at once would be one large allocation, and glibc gives large
+    allocations fresh pages on every call. The running sum is kept in float32 (float64
+    for float64 operands) and cast once at the end: in bfloat16 every chunk added would
+    round it again, and its error would grow with the number of rows."""
+    N, a, _ = P.shape
+    b = Q.shape[1]
+    rows = max(1, (1 << 20) // (a * b))                     # chunks of at most 2^20 entries
+    acc = torch.promote_types(P.dtype, torch.float32)
+    total = torch.zeros(a, b, dtype=acc, device=P.device)
+    for s in range(0, N, rows):
+        total = total + torch.bmm(P[s:s + rows], Q[s:s + rows].transpose(1, 2)).sum(0, dtype=acc)
+    return total.to(P.dtype)
+
+
+def gram_product(P: torch.Tensor, Q: torch.Tensor) -> torch.Tensor:
+    """P^T Q for tall P (R, a), Q (R, b): a sum over R rows. BLAS runs it faster with the
+    narrower operand transposed on the left, so the product is taken in that order and
+    transposed back (a view)."""
+    return P.t() @ Q if P.shape[1] <= Q.shape[1] else (Q.t() @ P).t()
+
+
+class KronBmm(torch.autograd.Function):
+    """x (N, n1*n2) -> x (A (x) B)^T + bias for one factor, with no layout copy.
+
+    Per row, Y = A X B^T with X = x.view(n1, n2). The product with B acts on the
+    contiguous last dimension, so all rows make one plain GEMM; the product with A
+    acts on the middle dimension, so it runs as a batched GEMM over rows with A
+    broadcast (stride 0), which reads and writes every tensor in its natural layout.
+    a_first: U = A X, then Y = U B^T.  b_first: V = X B^T, then Y = A V.
+    The backward uses the same two forms: dX = A^T dY B, dA = sum_r dY_r B X_r^T,
+    dB = sum_r dY_r^T A X_r (a plain GEMM over all rows)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, A: torch.Tensor, B: torch.Tensor,
+                bias: torch.Tensor | None, a_first: bool) -> torch.Tensor:
+        (m1, n1), (m2, n2), N = A.shape, B.shape, x.shape[0]
+        X = x.view(N, n1, n2)
+        if a_first:
+            U = torch.bmm(A.expand(N, m1, n1), X)                           # (N, m1, n2)
+            Y = U.view(N * m1, n2) @ B.t()                                  # (N*m1, m2)
+            ctx.save_for_backward(X, A, B, U)
+        else:
+            V = (X.view(N * n1, n2) @ B.t()).view(N, n1, m2)                # (N, n1, m2)
+            Y = torch.bmm(A.expand(N, m1, n1), V)                           # (N, m1, m2)
+            ctx.save_for_backward(X, A, B, V)
+        Y = Y.view(N, m1 * m2)
+        if bias is not None:
+            Y.add_(bias)                                                    # Y is ours: in place
+        ctx.a_first, ctx.has_bias = a_first, bias is not None
+        return Y
+
+    @staticmethod
+    def backward(ctx, dy: torch.Tensor):
+        X, A, B, T = ctx.saved_tensors
+        (m1, n1), (m2, n2), N = A.shape, B.shape, X.shape[0]
+        dY = dy.contiguous().view(N, m1, m2)
+        At = A.t().expand(N, n1, m1)
+        if ctx.a_first:                                     # T = U = A X
+            dU = (dY.view(N * m1, m2) @ B).view(N, m1, n2)                  # dY B
+            dX = torch.bmm(At, dU)                                          # (N, n1, n2)
+            dA = summed_products(dU, X)                                     # sum_r dU_r X_r^T
+            dB = gram_product(dY.view(N * m1, m2), T.view(N * m1, n2))      # sum_r dY_r^T U_r
+        else:                                               # T = V = X B^T
+            dV = torch.bmm(At, dY)                                          # (N, n1, m2): A^T dY
+            dX = dV.view(N * n1, m2) @ B                                    # (N*n1, n2)
+            dA = summed_products(dY, T)                                     # sum_r dY_r V_r^T
+            dB = gram_product(dV.view(N * n1, m2), X.view(N * n1, n2))      # sum_r dV_r^T X_r
+        # the bias gradient as a matrix-vector product: BLAS reads dy faster than sum(0) does
+        db = torch.mv(dy.t(), dy.new_ones(N)) if ctx.has_bias else None
+        return dX.view(N, n1 * n2), dA, dB, db, None
+
+
+def kron_matmul_bmm(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, bias: torch.Tensor | None,
+                    a_first: bool) -> torch.Tensor:
+    """x (N, n1*n2) -> (N, m1*m2) = x (sum_i A_i (x) B_i)^T + bias with KronBmm, one call per
+    factor (every big-B shape of the paper has k = 1). Under autocast the operands are cast
+    to the autocast dtype first, as nn.Linear's are, so the backward sees one dtype."""
+    dev = x.device.type
+    dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else x.dtype
+    x, A, B = x.to(dtype).contiguous(), A.to(dtype), B.to(dtype)       # views below need rows of n1*n2
+    y = KronBmm.apply(x, A[0], B[0], None if bias is None else bias.to(dtype), a_first)
+    for i in range(1, A.shape[0]):
+        y = y + KronBmm.apply(x, A[i], B[i], None, a_first)
+    return y
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    # `python kronecker.py plan ...`: the planner lives in sizes.py, which imports this file, so
+    # the layer must not import it. A fresh interpreter runs sizes.main with the same arguments.
+    code = (f"import sys; sys.path.insert(0, {os.path.dirname(os.path.abspath(__file__))!r}); "
+            "import sizes; sizes.main(sys.argv[1:], prog='kronecker.py', commands=('plan',))")
+    os.execv(sys.executable, [sys.executable, "-c", code, *sys.argv[1:]])

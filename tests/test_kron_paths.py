@@ -1,5 +1,6 @@
 """Every forward path of KronLinear against the dense reference x @ W^T + b, under
 torch.compile and bf16 autocast; and bench.py end to end."""
+import copy
 import json
 import math
 import os
@@ -237,6 +238,39 @@ def test_bf16_autocast_close(path):
     for got, want in zip(grads, grads_ref):
         assert got.dtype == torch.float32
         assert (got - want).norm() / want.norm() < 5e-2
+
+
+def weight_gradient_error(layer: KronLinear, reference64: KronLinear, x: torch.Tensor, g: torch.Tensor) -> float:
+    """Relative error of dA under CPU bf16 autocast against the float64 layer's dA."""
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = layer(x)
+    (dA,) = torch.autograd.grad(y.float(), [layer.A], g)
+    (dA_ref,) = torch.autograd.grad(reference64(x.double()), [reference64.A], g.double())
+    return ((dA.double() - dA_ref).norm() / dA_ref.norm()).item()
+
+
+@pytest.mark.parametrize("path", ["a_first_bmm", "b_first_bmm"])
+def test_bf16_weight_gradient_does_not_degrade_with_rows(path):
+    """dA on the bmm paths sums one small product per input row (summed_products). Its running
+    sum is kept in float32 and rounded to bf16 once, so the error does not grow with the rows; a
+    bf16 running sum rounds again for every chunk of rows (512 rows here, A of 64x32)."""
+    layer = make_layer(768, 1536, (64, 32), 1, scalars=False, bias=True)      # B (24, 24)
+    assert layer.b_shape == (24, 24)
+    layer.path = path
+    reference64 = copy.deepcopy(layer).double()                                # the same path in float64
+    rows = 512
+    x, g = torch.randn(16 * rows, 768), torch.randn(16 * rows, 1536)
+    err_1x = weight_gradient_error(layer, reference64, x[:rows], g[:rows])
+    err_16x = weight_gradient_error(layer, reference64, x, g)
+    assert err_1x < 1e-2 and err_16x < 1e-2, (err_1x, err_16x)
+    assert err_16x <= 1.2 * err_1x + 1e-4, (err_1x, err_16x)
+
+
+def test_summed_products_keeps_the_operand_dtype():
+    P, Q = torch.randn(3, 4, 5, dtype=torch.bfloat16), torch.randn(3, 6, 5, dtype=torch.bfloat16)
+    S = summed_products(P, Q)
+    assert S.dtype == torch.bfloat16
+    torch.testing.assert_close(S.float(), torch.einsum("rac,rbc->ab", P.float(), Q.float()), rtol=1e-2, atol=1e-2)
 
 
 def test_bench_quick_end_to_end(tmp_path):

@@ -1,4 +1,5 @@
-"""kronecker.py: Van Loan optimality, initialisations, KronLinear vs its dense weight, the planner."""
+"""kronecker.py: shapes, Van Loan optimality, initialisations, KronLinear vs its dense weight; the planner
+(sizes.py) and its command `python kronecker.py plan`."""
 import subprocess
 import sys
 
@@ -7,8 +8,9 @@ import torch
 import torch.nn as nn
 
 from conftest import ROOT
-from kronecker import (KronLinear, b_shape_for, gpt_param_count, kron_decompose, kron_sum, plan, rank_bound,
+from kronecker import (KronLinear, a_shape_for, b_shape_for, kron_decompose, kron_sum, prune_factors, rank_bound,
                        vl_rearrange)
+from sizes import gpt_param_count, main as sizes_main, plan
 
 
 def discarded_norm(W, a_shape, k):
@@ -88,9 +90,52 @@ def test_prune_keeps_every_other_row_and_column():
     torch.testing.assert_close(W_hat[:, 1::2], 0.1 * W[:, 0::2])
 
 
+def test_prune_with_a_zero_second_entry_keeps_rows_and_columns_and_zeros_the_rest():
+    torch.manual_seed(0)
+    W = torch.randn(32, 8)
+    A, B = prune_factors(W, (16, 8), (2, 1), b_second=0.0)
+    W_hat = torch.kron(A, B)
+    assert torch.equal(W_hat[0::2], W[0::2]) and torch.equal(W_hat[1::2], torch.zeros(16, 8))
+    A, B = prune_factors(W.t(), (8, 16), (1, 2), b_second=0.0)
+    W_hat = torch.kron(A, B)
+    assert torch.equal(W_hat[:, 0::2], W.t()[:, 0::2]) and torch.equal(W_hat[:, 1::2], torch.zeros(8, 16))
+    # through the layer: init_from_weight's prune_b_second
+    layer = KronLinear(8, 32, (16, 8), bias=False)
+    layer.init_from_weight(W, "prune", prune_b_second=0.0)
+    assert torch.equal(layer.materialize()[0::2], W[0::2]) and not layer.materialize()[1::2].any()
+    layer.init_from_weight(W, "prune", prune_b_second=0.25)
+    torch.testing.assert_close(layer.materialize()[1::2], 0.25 * W[0::2])
+
+
+# (in, out, A shape): A and B both have hundreds of entries, so the sample std is close to the true one
+RANDOM_SHAPES = [(768, 3072, (64, 32)), (3072, 768, (32, 128)), (1024, 1024, (32, 32)), (256, 1024, (32, 8))]
+
+
+@pytest.mark.parametrize("in_f,out_f,a_shape", RANDOM_SHAPES)
+@pytest.mark.parametrize("k", [1, 2, 4])
+@pytest.mark.parametrize("std", [0.02, 0.5])
+def test_init_random_gives_the_dense_weight_the_requested_std(in_f, out_f, a_shape, k, std):
+    torch.manual_seed(k)
+    layer = KronLinear(in_f, out_f, a_shape, k=k, scalars=True, sparse=0.01)
+    with torch.no_grad():
+        layer.scalars.fill_(3.0)
+        layer.sparse.values.fill_(1.0)
+    layer.init_random(std)
+    got = layer.materialize().std().item()
+    assert abs(got - std) < 0.1 * std, (got, std)
+    assert torch.equal(layer.scalars.detach(), torch.ones(k)) and not layer.sparse.values.any()
+    # A and B at the same scale
+    assert layer.A.std().item() == pytest.approx(layer.B.std().item(), rel=0.2)
+
+
 def test_random_init_has_the_right_scale():
-    k = KronLinear.from_linear(nn.Linear(64, 256), (16, 16), init="random")
-    assert 0.015 < k.A.std().item() < 0.025 and 0.015 < k.B.std().item() < 0.025
+    # init="random": the scale of a dense layer's init (std 0.02) on the materialised weight
+    for k in (1, 4):
+        torch.manual_seed(k)
+        layer = KronLinear.from_linear(nn.Linear(768, 3072), (64, 32), k=k, init="random")
+        assert 0.018 < layer.materialize().std().item() < 0.022
+    with pytest.raises(ValueError, match="std"):
+        layer.init_random(-1.0)
 
 
 # Every B-shape class of Table 1, at the real GPT-2 sizes where cheap and scaled down otherwise.
@@ -153,7 +198,36 @@ def test_bad_shapes_say_what_to_do():
         KronLinear.from_linear(lin, (16, 8), k=2, init="prune")
 
 
-# SPEC.md Table 1 (A shape for c_fc, params per matrix, model size with position embeddings)
+@pytest.mark.parametrize("shape", [(3072, 768, 1), (16,), 5, "ab"])
+def test_a_kron_shape_that_is_not_a_pair_is_a_clear_error(shape):
+    pair = r"kron_shape must be a pair \(m1, n1\), got "
+    with pytest.raises(ValueError, match=pair):
+        KronLinear(768, 3072, shape)
+    with pytest.raises(ValueError, match=pair):
+        b_shape_for((3072, 768), shape)
+    with pytest.raises(ValueError, match=pair):
+        kron_decompose(torch.randn(32, 8), shape)
+    with pytest.raises(ValueError, match=pair):
+        vl_rearrange(torch.randn(32, 8), shape)
+    with pytest.raises(ValueError, match=r"B shape must be a pair \(m2, n2\), got "):
+        a_shape_for((3072, 768), shape)
+
+
+def test_a_shape_for_is_the_inverse_of_b_shape_for():
+    for a in [(64, 32), (1536, 384), (3072, 768), (1, 1), (3, 256)]:
+        b = b_shape_for((3072, 768), a)
+        assert a_shape_for((3072, 768), b) == a
+    assert a_shape_for((3072, 768), (3, 3), k=9) == (1024, 256)
+    with pytest.raises(ValueError, match=r"B shape \(5, 2\) does not tile .*Valid m2: 1, 2, 3, 4, 6, .*3072\. "
+                                         r"Valid n2: 1, 2, .*768\..*kronecker.py plan"):
+        a_shape_for((3072, 768), (5, 2))
+    with pytest.raises(ValueError, match="does not tile"):
+        a_shape_for((3072, 768), (0, 2))
+    with pytest.raises(ValueError, match=r"rank bound .* choose k in 1\.\.9"):
+        a_shape_for((3072, 768), (3, 3), k=10)
+
+
+# Table 1 of the Krony-PT paper (A shape for c_fc, params per matrix, model size with position embeddings)
 TABLE1 = [((64, 32), (48, 24), 3_200, 67_893_504), ((128, 32), (24, 24), 4_672, 67_928_832),
           ((1024, 256), (3, 3), 262_153, 74_108_376), ((768, 768), (4, 1), 589_828, 81_972_576),
           ((1536, 384), (2, 2), 589_828, 81_972_576), ((1536, 768), (2, 1), 1_179_650, 96_128_304),
@@ -182,3 +256,15 @@ def test_plan_cli_prints_both_sizes():
     line = next(l for l in out.splitlines() if l.startswith("| (1024, 256)"))
     assert "92,983,392" in line and "92,196,960" in line
     assert "without wpe" in out
+
+
+def test_plan_cli_refuses_non_positive_sizes_in_one_line(capsys):
+    proc = subprocess.run([sys.executable, "kronecker.py", "plan", "--n-embd", "0"], cwd=ROOT,
+                          capture_output=True, text=True)
+    assert (proc.returncode, proc.stdout, proc.stderr) == (2, "", "error: --n-embd must be a positive integer, got 0\n")
+    for flag, value in [("--n-layer", "-1"), ("--vocab", "0"), ("--block-size", "0"), ("--factors", "0")]:
+        with pytest.raises(SystemExit) as exit_:
+            sizes_main(["plan", flag, value], prog="kronecker.py", commands=("plan",))
+        assert exit_.value.code == 2
+        out, err = capsys.readouterr()
+        assert out == "" and err == f"error: {flag} must be a positive integer, got {value}\n"

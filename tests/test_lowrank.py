@@ -1,11 +1,15 @@
-"""Low-rank and shared-basis layers, and their sizes next to Kronecker ones."""
+"""Low-rank and shared-basis layers, and their sizes next to Kronecker ones (sizes.py, `python lowrank.py`)."""
+import subprocess
+import sys
+
 import pytest
 import torch
 import torch.nn as nn
 
-from lowrank import (LowRankLinear, SharedBasisLinear, init_shared_group, main, match_mlp_ranks, plan_rank,
-                     tie_bases)
+from conftest import ROOT
+from lowrank import LowRankLinear, SharedBasisLinear, init_shared_group, tie_bases
 from model import GPT, GPTConfig, compress
+from sizes import main, match_mlp_ranks, plan_rank
 
 
 def linear(W, bias=True):
@@ -109,3 +113,13 @@ def test_plan_rank_cli(capsys):
     with pytest.raises(SystemExit):
         main(["plan-rank", "--kron-shape", "1536", "385"])
     assert "does not tile" in capsys.readouterr().err
+
+
+def test_lowrank_commands_run_from_any_directory(tmp_path):
+    """`python lowrank.py plan-rank|count` hand over to sizes.py (which imports lowrank.py)."""
+    lowrank_py = f"{ROOT}/lowrank.py"      # run from tmp_path, not the repository: the CLI finds sizes.py itself
+    run = lambda *a: subprocess.run([sys.executable, lowrank_py, *a], cwd=tmp_path, capture_output=True, text=True)
+    proc = run("plan-rank", "--kron-shape", "1536", "384")
+    assert proc.returncode == 0 and "81,972,576" in proc.stdout, proc.stderr
+    proc = run("plan-rank", "--kron-shape", "1536", "384", "--group", "0")
+    assert (proc.returncode, proc.stdout, proc.stderr) == (2, "", "error: --group must be a positive integer, got 0\n")

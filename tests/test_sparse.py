@@ -1,4 +1,4 @@
-"""The sparse residual correction W_hat + S (seeds/003)."""
+"""The sparse residual correction W_hat + S."""
 import pytest
 import torch
 import torch.nn as nn

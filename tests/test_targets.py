@@ -5,8 +5,9 @@ import torch.nn as nn
 
 from conftest import make_tiny_hf
 from kronecker import KronLinear
-from lowrank import LowRankLinear, SharedBasisLinear, main as lowrank_main, size_report
+from lowrank import LowRankLinear, SharedBasisLinear
 from model import GPT, GPTConfig, LINEAR_NAMES, compress
+from sizes import main as sizes_main, size_report
 
 
 @pytest.fixture(scope="module")
@@ -110,5 +111,5 @@ def test_size_report_counts(capsys):
     assert f"{expected:,}" in text and f"{expected - 1024 * 768:,}" in text
     assert f"{expected + 50257 * 768:,}" in text                # as an untied model
     assert "KronLinear: 12 layers" in text
-    lowrank_main(["count", "--targets", '[{"pattern": "attn.c_proj", "method": "lowrank", "lowrank_rank": 64}]'])
+    sizes_main(["count", "--targets", '[{"pattern": "attn.c_proj", "method": "lowrank", "lowrank_rank": 64}]'])
     assert f"{124_439_808 - 12 * (768 * 768 - 64 * 2 * 768):,}" in capsys.readouterr().out
