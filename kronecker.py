@@ -193,8 +193,7 @@ class KronLinear(nn.Module):
         # nn.Linear. Only the order of activations changes; the parameters keep theirs.
         self.swap_in = False
         self.swap_out = False
-        nn.init.normal_(self.A, std=0.02)
-        nn.init.normal_(self.B, std=0.02)
+        self.init_random(0.02)
 
     def extra_repr(self) -> str:
         swaps = "".join(f", {name}=True" for name in ("swap_in", "swap_out") if getattr(self, name))
@@ -251,13 +250,21 @@ class KronLinear(nn.Module):
         """Random factors whose dense weight sum_i A_i (x) B_i has entries of standard deviation
         `std`, for any k. Each entry is a sum of k products a * b of independent zero-mean
         normals, of variance k * std_A^2 * std_B^2; A and B each get std_A = std_B =
-        (std^2 / k)^(1/4), which makes it std^2 and keeps the two factors at the same scale.
+        (std^2 / k)^(1/4), which makes it std^2 in expectation and keeps the two factors at the
+        same scale. A small factor (B of 2x2 has 4 entries) makes the realised spread vary a lot
+        around that, so both factors are then rescaled to give exactly `std`.
         Scalars start at 1 and the sparse residual's values at 0."""
         if not std >= 0:
             raise ValueError(f"init_random needs a standard deviation >= 0, got std={std}")
         factor_std = (std ** 2 / self.k) ** 0.25
         nn.init.normal_(self.A, std=factor_std)
         nn.init.normal_(self.B, std=factor_std)
+        if self.A.device.type != "meta":
+            realised = kron_sum(self.A, self.B).std()
+            if realised > 0:
+                root = (std / realised).sqrt()
+                self.A.mul_(root)
+                self.B.mul_(root)
         if self.scalars is not None:
             self.scalars.fill_(1.0)
         if self.sparse is not None:

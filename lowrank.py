@@ -48,6 +48,16 @@ def svd_factors(W: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]
     return Uf.to(W.dtype), Vf.to(W.dtype)
 
 
+@torch.no_grad()
+def rescale_to_std(W: torch.Tensor, std: float, *factors: torch.Tensor) -> None:
+    """Scale two factors alike so that their product W gets exactly standard deviation `std`
+    (the realised spread of a product of random factors varies around its expectation)."""
+    if W.device.type != "meta" and W.std() > 0:
+        root = (std / W.std()).sqrt()
+        for f in factors:
+            f.mul_(root)
+
+
 class LowRankLinear(nn.Module):
     """y = x W^T + b with W = U V, applied as two thin GEMMs (x V^T) U^T.
 
@@ -62,8 +72,7 @@ class LowRankLinear(nn.Module):
         self.U = nn.Parameter(torch.empty(out_features, self.rank))
         self.V = nn.Parameter(torch.empty(self.rank, in_features))
         self.bias = nn.Parameter(torch.zeros(out_features)) if bias else None
-        nn.init.normal_(self.U, std=0.02)
-        nn.init.normal_(self.V, std=0.02)
+        self.init_random(0.02)
 
     def extra_repr(self) -> str:
         return f"in={self.in_features}, out={self.out_features}, rank={self.rank}, bias={self.bias is not None}"
@@ -71,6 +80,15 @@ class LowRankLinear(nn.Module):
     def materialize(self) -> torch.Tensor:
         """The dense weight U V, shape (out, in)."""
         return self.U @ self.V
+
+    @torch.no_grad()
+    def init_random(self, std: float = 0.02) -> None:
+        """Random factors whose product U V has entries of standard deviation `std`: each entry sums
+        r products of independent normals, so U and V each get (std^2 / r)^(1/4)."""
+        factor_std = (std ** 2 / self.rank) ** 0.25
+        nn.init.normal_(self.U, std=factor_std)
+        nn.init.normal_(self.V, std=factor_std)
+        rescale_to_std(self.materialize(), std, self.U, self.V)
 
     def macs_per_row(self) -> int:
         return self.rank * (self.in_features + self.out_features)
@@ -111,8 +129,7 @@ class SharedBasisLinear(nn.Module):
         self.basis = nn.Parameter(torch.empty(self.rank, in_features))
         self.coefficient = nn.Parameter(torch.empty(out_features, self.rank))
         self.bias = nn.Parameter(torch.zeros(out_features)) if bias else None
-        nn.init.normal_(self.basis, std=0.02)
-        nn.init.normal_(self.coefficient, std=0.02)
+        self.init_random(0.02)
 
     def extra_repr(self) -> str:
         return f"in={self.in_features}, basis={self.rank}, out={self.out_features}, bias={self.bias is not None}"
@@ -120,6 +137,15 @@ class SharedBasisLinear(nn.Module):
     def materialize(self) -> torch.Tensor:
         """The dense weight C B, shape (out, in)."""
         return self.coefficient @ self.basis
+
+    @torch.no_grad()
+    def init_random(self, std: float = 0.02) -> None:
+        """Random basis and coefficients whose product has entries of standard deviation `std`
+        (as LowRankLinear.init_random); a shared basis is drawn again by every member."""
+        factor_std = (std ** 2 / self.rank) ** 0.25
+        nn.init.normal_(self.basis, std=factor_std)
+        nn.init.normal_(self.coefficient, std=factor_std)
+        rescale_to_std(self.materialize(), std, self.basis, self.coefficient)
 
     def macs_per_row(self) -> int:
         return self.rank * (self.in_features + self.out_features)

@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from conftest import make_tiny_hf
-from kronecker import KronLinear, gpt_param_count
+from kronecker import KronLinear
+from sizes import gpt_param_count
 from model import GPT, GPTConfig, compress, format_report
 
 
