@@ -1,39 +1,623 @@
 """
-Token data for training: the train.bin / val.bin memmaps written by prepare_owt.py,
-and random (B, T) batches drawn from them.
+Token data: the GPT-2 tokenizer, the preparation of train.bin / val.bin / meta.json from text
+(prepare_owt.py is its command line), and TokenData, which reads them back for train.py.
 
-Sampling uses a dedicated torch.Generator (not the global RNG), so train.py can
-save its state in every checkpoint and a resumed run draws exactly the batches
-an uninterrupted run would have drawn.
+A prepared directory holds
+  train.bin, val.bin  GPT-2 BPE token ids as a flat uint16 array (np.memmap), each document
+                      followed by the end-of-text token 50256
+  meta.json           tokenizer, vocab_size, dtype, per split the token count and the sha256 of
+                      the file's first HEADER_BYTES bytes, document counts, source
+
+One transaction. prepare() (and write_token_files()) build the whole directory beside its
+destination and rename it into place at the end (storage.atomic_directory): a run killed at any
+moment leaves the previous output or none, never new bins beside an old meta.json. Until the swap
+the disk holds both, so an --overwrite needs room for a second copy. What a killed run leaves
+beside the destination is removed by the next run, which also waits while another process
+prepares the same directory (runs of a sweep that share a data_dir).
+
+Checks on reading. TokenData refuses bins that do not match meta.json (their size or the checksum
+of their first bytes: a bin from another run, a truncated copy, random bytes) and batches holding
+a token id >= vocab_size, each with the command that prepares the data again.
+
+Sampling uses a dedicated torch.Generator (not the global RNG), so train.py can save its state in
+every checkpoint and a resumed run draws exactly the batches an uninterrupted run would have drawn.
 """
 from __future__ import annotations
 
+import codecs
+import contextlib
+import errno
+import glob
+import hashlib
 import json
 import os
+import re
+import shlex
+import shutil
+import time
+from typing import Iterator
 
 import numpy as np
 import torch
 
+from storage import TEMP_PREFIX, DiskFull, atomic_directory, atomic_write, write_json
+
+OWT = "Skylion007/openwebtext"
+EOT = 50256                      # GPT-2's <|endoftext|>
+VOCAB_SIZE = 50257               # fits uint16 (< 65536)
+DTYPE = np.uint16
+TOKEN_DTYPES = ("uint16", "uint32")
+SPLITS = ("train", "val")
+HEADER_BYTES = 1 << 20           # meta.json checksums this many leading bytes of each bin
+TXT_DOCS = ("paragraph", "file", "line")
+LOCAL_EXTS = {".txt": "txt", ".jsonl": "json", ".json": "json", ".parquet": "parquet"}
+LOCAL_CACHE = ".hf_cache"        # the `datasets` cache of local files, inside the temp directory
+LOCK_NAME = ".prepare.lock"
+# names in an output directory that are ours (today's or an older version's); anything else in it
+# (e.g. the source text train.py downloads there) is carried into the new directory
+OWN_NAMES = {"train.bin", "val.bin", "meta.json", LOCK_NAME, LOCAL_CACHE,
+             "train.bin.tmp", "val.bin.tmp", "meta.json.tmp"}
+REPO = os.path.dirname(os.path.abspath(__file__))
+SHARED_TIKTOKEN_CACHE = os.path.join(os.path.dirname(REPO), "shared", "tiktoken_cache")
+
+
+class DataError(ValueError):
+    """A data problem the user can fix (bad path, offline, files that do not match, ...);
+    the scripts print its one-line message without a traceback."""
+
+
+PrepareError = DataError         # the name train.py and older code catch
+
+
+def prepare_command(out: str, source: str | None = None) -> str:
+    """The command that (re)prepares `out`, for error messages."""
+    dataset = f" --dataset {shlex.quote(source)}" if source and source != OWT else ""
+    return f"python prepare_owt.py{dataset} --out {shlex.quote(out)} --overwrite"
+
+
+# -----------------------------------------------------------------------------
+# Tokenizer
+
+_ENC = None
+
+
+def gpt2_encoding():
+    """tiktoken's GPT-2 BPE (cached per process). Offline, tiktoken needs its cache
+    files: TIKTOKEN_CACHE_DIR, or the repository's ../shared/tiktoken_cache when present."""
+    global _ENC
+    if _ENC is None:
+        if "TIKTOKEN_CACHE_DIR" not in os.environ and os.path.isdir(SHARED_TIKTOKEN_CACHE):
+            os.environ["TIKTOKEN_CACHE_DIR"] = SHARED_TIKTOKEN_CACHE
+        import tiktoken
+        try:
+            _ENC = tiktoken.get_encoding("gpt2")
+        except Exception as e:  # tiktoken downloads the BPE files on first use
+            raise DataError(
+                f"could not load the GPT-2 tokenizer ({type(e).__name__}: {one_line(e)}). tiktoken downloads "
+                "its BPE files on first use; offline, set TIKTOKEN_CACHE_DIR to a directory holding them "
+                "(e.g. TIKTOKEN_CACHE_DIR=../shared/tiktoken_cache).") from e
+    return _ENC
+
+
+def tokenize_batch(batch: dict, text_column: str) -> dict:
+    """datasets.map(batched=True) worker: text -> ids + [EOT] and their length."""
+    enc = gpt2_encoding()
+    texts = [t if t is not None else "" for t in batch[text_column]]
+    ids = [doc + [EOT] for doc in enc.encode_ordinary_batch(texts, num_threads=1)]
+    return {"ids": ids, "len": [len(d) for d in ids]}
+
+
+def one_line(e: BaseException, limit: int = 500) -> str:
+    """An exception's text on one line (library messages often span several)."""
+    return " ".join(str(e).split())[:limit]
+
+
+# -----------------------------------------------------------------------------
+# Download
+
+def download(url: str, path: str, log=print) -> str:
+    """Fetch url to path unless it is there already; atomic (a killed download leaves no
+    partial file at `path`), and a DataError naming the URL when it cannot be fetched."""
+    if os.path.isfile(path):
+        return path
+    import urllib.request
+    log(f"downloading {url} -> {path}")
+    try:
+        with urllib.request.urlopen(url, timeout=60) as response:
+            atomic_write(path, lambda f: shutil.copyfileobj(response, f, 1 << 20))
+    except DiskFull:
+        raise
+    except (OSError, ValueError) as e:      # URLError and timeouts are OSErrors; ValueError: not a URL
+        raise DataError(f"could not download {url} ({type(e).__name__}: {one_line(e, 200)}); put the file "
+                        f"at {path} yourself, or prepare from a local text file instead") from e
+    return path
+
+
+# -----------------------------------------------------------------------------
+# Sources: local files or the Hugging Face hub
+
+def local_files(source: str) -> list[str]:
+    """The files a local --dataset names (a file, a directory, or a glob); [] if it is not local."""
+    if os.path.isdir(source):
+        files = sorted(f for f in glob.glob(os.path.join(source, "**", "*"), recursive=True)
+                       if os.path.splitext(f)[1] in LOCAL_EXTS)
+        if not files:
+            raise DataError(f"{source} holds no {', '.join(LOCAL_EXTS)} files")
+        return files
+    if os.path.isfile(source):
+        return [source]
+    if any(c in source for c in "*?["):
+        files = sorted(glob.glob(source))
+        if not files:
+            raise DataError(f"no files match {source}")
+        return files
+    if os.path.splitext(source)[1] in LOCAL_EXTS or source.startswith((".", "/", "~")):
+        raise DataError(f"no such file or directory: {source}")
+    return []
+
+
+def local_kind(files: list[str]) -> str:
+    """'txt', 'json' or 'parquet': the one kind all the local files are."""
+    kinds = {LOCAL_EXTS.get(os.path.splitext(f)[1]) for f in files}
+    if None in kinds or len(kinds) != 1:
+        raise DataError(f"local input must be all .txt, all .jsonl/.json or all .parquet files; got {files[:5]}")
+    return kinds.pop()
+
+
+def check_input_file(path: str, text: bool) -> None:
+    """Refuse an empty file, and a text file that is blank or not UTF-8, naming it (one streaming
+    pass over the file, before any tokenisation)."""
+    try:
+        with open(path, "rb") as f:
+            if os.fstat(f.fileno()).st_size == 0:
+                raise DataError(f"{path} is empty (0 bytes): there is nothing to prepare; remove it or pick "
+                                "another --dataset")
+            if text and not _utf8_with_text(f, path):
+                raise DataError(f"{path} holds only whitespace: there is no document in it; remove it or "
+                                "pick another --dataset")
+    except OSError as e:
+        raise DataError(f"cannot read {path}: {e.strerror or e}") from None
+
+
+def _utf8_with_text(f, path: str) -> bool:
+    """Whether the file holds any non-whitespace; a DataError at its first byte that is not UTF-8."""
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    offset, has_text = 0, False
+    while True:
+        chunk = f.read(1 << 24)
+        try:
+            decoded = decoder.decode(chunk, final=not chunk)
+        except UnicodeDecodeError as e:
+            at = offset - (len(e.object) - len(chunk)) + e.start    # e.object: held-back bytes + chunk
+            raise DataError(f"{path} is not UTF-8 text (byte {e.object[e.start]:#04x} at offset {at:,}); "
+                            f"convert it first, e.g. iconv -f latin1 -t utf-8 {shlex.quote(path)} > "
+                            "converted.txt") from None
+        has_text = has_text or (decoded != "" and not decoded.isspace())
+        if not chunk:
+            return has_text
+        offset += len(chunk)
+
+
+def txt_documents(files: list[str], txt_docs: str) -> Iterator[dict]:
+    """Documents of plain-text files (see --txt-docs), streamed file by file."""
+    for path in files:
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+        if txt_docs == "file":
+            docs = [text] if text.strip() else []
+        elif txt_docs == "line":
+            docs = [line for line in text.splitlines() if line.strip()]
+        else:  # paragraphs: split at one or more blank (whitespace-only) lines
+            docs = [p.strip("\n") for p in re.split(r"\n[ \t\r\f\v]*\n", text)]
+            docs = [p for p in docs if p.strip()]
+        for doc in docs:
+            yield {"text": doc}
+
+
+def _txt_gen(files: list[str], txt_docs: str) -> Iterator[dict]:
+    yield from txt_documents(files, txt_docs)
+
+
+def load_local(files: list[str], text_column: str, txt_docs: str, cache_dir: str):
+    """A `datasets` Dataset of local files (its cache in cache_dir) and the column holding the text.
+    A library error reading them becomes a DataError naming the files."""
+    import datasets
+    kind = local_kind(files)
+    try:
+        if kind == "txt":
+            ds = datasets.Dataset.from_generator(_txt_gen, gen_kwargs={"files": files, "txt_docs": txt_docs},
+                                                 cache_dir=cache_dir)
+            return ds, "text"
+        return datasets.load_dataset(kind, data_files=files, split="train", cache_dir=cache_dir), text_column
+    except Exception as e:
+        # the library wraps what went wrong (our own DataError, a full disk) in its own errors
+        for cause in _causes(e):
+            if isinstance(cause, DataError) or getattr(cause, "errno", None) in (errno.ENOSPC, errno.EDQUOT):
+                raise cause from None
+        names = files[0] if len(files) == 1 else f"{len(files)} files ({files[0]}, ...)"
+        raise DataError(f"could not read {names} as {kind} ({type(e).__name__}: {one_line(e, 300)})") from e
+
+
+def _causes(e: BaseException) -> Iterator[BaseException]:
+    seen = set()
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        yield e
+        e = e.__cause__ or e.__context__
+
+
+def hub_error(name: str, e: Exception) -> DataError:
+    return DataError(
+        f"could not load {name!r} from the Hugging Face hub ({type(e).__name__}: {one_line(e)}). "
+        "Offline or behind a firewall? Prepare from local files instead: "
+        "python prepare_owt.py --dataset PATH.txt|PATH.jsonl|PATH.parquet|DIR [--text-column COL] --out DIR "
+        "(e.g. --dataset ../shared/data/tinyshakespeare.txt). "
+        "A hub dataset downloaded elsewhere can be copied into ~/.cache/huggingface and used with HF_HUB_OFFLINE=1.")
+
+
+def load_hub(name: str, config: str | None, split: str, num_proc: int | None):
+    """load_dataset(name); a script-based dataset (refused by datasets >= 4, e.g. the old
+    openwebtext.py) is retried from the hub's auto-converted Parquet branch."""
+    import datasets
+    try:
+        return datasets.load_dataset(name, config, split=split, num_proc=num_proc)
+    except Exception as e:
+        if "script" not in str(e).lower():
+            raise hub_error(name, e) from e
+        print(f"{name} is a script-based dataset, which datasets {datasets.__version__} refuses "
+              f"({one_line(e, 200)}); retrying with revision='refs/convert/parquet', the hub's Parquet copy")
+        try:
+            return datasets.load_dataset(name, config, split=split, num_proc=num_proc,
+                                         revision="refs/convert/parquet")
+        except Exception as e2:
+            raise hub_error(name, e2) from e2
+
+
+# -----------------------------------------------------------------------------
+# meta.json and the checks of a prepared directory
+
+def header_sha256(path: str, nbytes: int = HEADER_BYTES) -> str:
+    """sha256 of the first nbytes bytes of a file (all of it when shorter)."""
+    with open(path, "rb") as f:
+        return hashlib.sha256(f.read(nbytes)).hexdigest()
+
+
+def read_meta(data_dir: str) -> dict:
+    """meta.json of a prepared directory, with the fields TokenData relies on checked."""
+    path = os.path.join(data_dir, "meta.json")
+    cmd = prepare_command(data_dir)
+    if not os.path.isfile(path):
+        raise DataError(f"{data_dir} has no meta.json, so its token files cannot be checked: they were written "
+                        f"by something else or by a run that did not finish. Prepare it again: {cmd} (token "
+                        "arrays of your own: write them with data.write_token_files)")
+    try:
+        with open(path) as f:
+            meta = json.load(f)
+        cmd = prepare_command(data_dir, meta.get("source"))
+        np.dtype(meta["dtype"])
+        if meta["dtype"] not in TOKEN_DTYPES:
+            raise ValueError(f"dtype {meta['dtype']!r} is not one of {TOKEN_DTYPES}")
+        for key in ("vocab_size", *(f"{s}_tokens" for s in SPLITS)):
+            if not isinstance(meta[key], int) or meta[key] < 1:
+                raise ValueError(f"{key}={meta[key]!r} is no positive integer")
+        if not isinstance(meta.get("header_sha256", {}), dict):
+            raise ValueError("header_sha256 is no mapping of split to checksum")
+    except (ValueError, KeyError, TypeError, AttributeError) as e:
+        raise DataError(f"{path} is not a valid meta.json ({type(e).__name__}: {one_line(e, 200)}); "
+                        f"prepare the data again: {cmd}") from None
+    return meta
+
+
+def check_files(data_dir: str, meta: dict) -> None:
+    """Refuse bins that are not the ones meta.json describes: the size must be the token count
+    times the item size, and the header checksum (when meta.json has one) must agree."""
+    itemsize = np.dtype(meta["dtype"]).itemsize
+    cmd = prepare_command(data_dir, meta.get("source"))
+    for split in SPLITS:
+        path = os.path.join(data_dir, f"{split}.bin")
+        size, tokens = os.path.getsize(path), meta[f"{split}_tokens"]
+        if size != tokens * itemsize:
+            raise DataError(f"{path} holds {size:,} bytes but meta.json records {tokens:,} {meta['dtype']} tokens "
+                            f"({tokens * itemsize:,} bytes): the file is truncated or not the one meta.json was "
+                            f"written with. Prepare the data again: {cmd}")
+        expected = meta.get("header_sha256", {}).get(split)
+        nbytes = int(meta.get("header_bytes", HEADER_BYTES))
+        if expected is not None and header_sha256(path, nbytes) != expected:
+            raise DataError(f"{path} is not the file meta.json was written with (the checksum of its first "
+                            f"{nbytes:,} bytes differs): a bin from another run or a damaged copy. "
+                            f"Prepare the data again: {cmd}")
+
+
+def finished(out: str) -> dict | None:
+    """meta.json of a finished output in `out` (bins that match it), else None."""
+    try:
+        meta = read_meta(out)
+        check_files(out, meta)
+        return meta
+    except (OSError, DataError):
+        return None
+
+
+# -----------------------------------------------------------------------------
+# Output: one transaction per directory
+
+def _own_temp_name(base: str) -> re.Pattern:
+    """Names storage.atomic_directory gives the temp and old directories of `base`."""
+    return re.compile(re.escape(TEMP_PREFIX + base) + r"\.(old\.)?[a-z0-9_]{8}")
+
+
+def _foreign_entries(out: str) -> list[str]:
+    if not os.path.isdir(out):
+        return []
+    return sorted(n for n in os.listdir(out) if n not in OWN_NAMES and not n.startswith(TEMP_PREFIX))
+
+
+def check_out(out: str) -> None:
+    """Refuse an --out that cannot be replaced whole: a file, or a directory holding
+    sub-directories that are no part of a prepared dataset."""
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise DataError(f"--out {out} is a file; give the directory to write train.bin, val.bin and "
+                        "meta.json into")
+    dirs = [n for n in _foreign_entries(out) if not os.path.islink(os.path.join(out, n))
+            and not os.path.isfile(os.path.join(out, n))]
+    if dirs:
+        raise DataError(f"--out {out} holds {', '.join(dirs[:5])}, which no prepared dataset has; the output is "
+                        "replaced as a whole, so give it a directory of its own (new or empty)")
+
+
+def _carry_foreign(out: str, new: str) -> None:
+    """Hard-link (or copy) the files of `out` that are not ours into `new`, so the swap loses none."""
+    for name in _foreign_entries(out):
+        src, dst = os.path.join(out, name), os.path.join(new, name)
+        if os.path.islink(src):
+            os.symlink(os.readlink(src), dst)
+            continue
+        try:
+            os.link(src, dst)
+        except OSError:
+            shutil.copy2(src, dst)
+
+
+@contextlib.contextmanager
+def _output_lock(out: str) -> Iterator[None]:
+    """Exclusive use of `out` while it is prepared: an flock on out/LOCK_NAME (the kernel drops it
+    when its holder dies, however it dies). A second run waits for the first and then finds the
+    output finished. Under the lock, what killed runs left beside `out` is removed. A directory
+    created here is removed again if the block fails before filling it."""
+    import fcntl
+    created = not os.path.isdir(out)
+    parent, base = os.path.split(out)
+    pattern = _own_temp_name(base)
+    if created and os.path.isdir(parent):  # a kill between atomic_directory's renames leaves the old output here
+        for name in sorted(os.listdir(parent)):
+            old = os.path.join(parent, name)
+            if pattern.fullmatch(name) and ".old." in name and os.path.isfile(os.path.join(old, "meta.json")):
+                os.replace(old, out)
+                print(f"restored {out} from {name}, left there by an interrupted run")
+                created = False
+                break
+    while True:
+        os.makedirs(out, exist_ok=True)
+        path = os.path.join(out, LOCK_NAME)
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        except FileNotFoundError:           # `out` was swapped away just now
+            continue
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            print(f"{out} is being prepared by another process; waiting for it to finish", flush=True)
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        try:  # the holder we waited for replaced `out`: lock the new directory's file instead
+            if os.path.samestat(os.fstat(fd), os.stat(path)):
+                break
+        except FileNotFoundError:
+            pass
+        os.close(fd)
+    ok = False
+    try:
+        for name in sorted(os.listdir(parent)):
+            if pattern.fullmatch(name):
+                shutil.rmtree(os.path.join(parent, name), ignore_errors=True)
+        yield
+        ok = True
+    finally:
+        os.close(fd)
+        if created and not ok and os.listdir(out) in ([], [LOCK_NAME]):
+            with contextlib.suppress(OSError):
+                os.remove(path)
+                os.rmdir(out)
+
+
+@contextlib.contextmanager
+def _new_output(out: str) -> Iterator[str]:
+    """A temp directory beside `out` that replaces it whole when the block succeeds, carrying over
+    the files in `out` that are not ours (storage.atomic_directory: a failure or a kill before
+    the end leaves `out` as it was)."""
+    with atomic_directory(out) as tmp:
+        yield tmp
+        _carry_foreign(out, tmp)
+
+
+def reserve(fd: int, size: int) -> None:
+    """Allocate `size` bytes for a file that will be written through a memmap: a full disk is then
+    an OSError (storage.DiskFull) here, not a SIGBUS when a page of the memmap is written back."""
+    try:
+        os.posix_fallocate(fd, 0, size)
+    except AttributeError:          # no posix_fallocate (macOS): the memmap grows the file itself
+        os.ftruncate(fd, size)
+    except OSError as e:
+        if e.errno not in (errno.EOPNOTSUPP, errno.EINVAL):
+            raise
+        os.ftruncate(fd, size)
+
+
+def write_bin(ds, path: str, desc: str, shard_docs: int = 8192) -> int:
+    """Concatenate ds['ids'] into a uint16 memmap at `path`, one shard of documents at a time
+    (never the whole split in memory). Returns the number of tokens."""
+    from tqdm import tqdm
+    total = int(np.sum(ds["len"], dtype=np.int64))
+    with open(path, "wb") as f:
+        reserve(f.fileno(), total * np.dtype(DTYPE).itemsize)
+    arr = np.memmap(path, dtype=DTYPE, mode="r+", shape=(total,))
+    pos = 0
+    with tqdm(total=total, desc=desc, unit="tok", unit_scale=True) as bar:
+        for start in range(0, len(ds), shard_docs):
+            shard = ds[start:start + shard_docs]["ids"]      # list of per-document id lists
+            chunk = np.concatenate([np.asarray(d, dtype=DTYPE) for d in shard])
+            arr[pos:pos + len(chunk)] = chunk
+            pos += len(chunk)
+            bar.update(len(chunk))
+    assert pos == total, (pos, total)
+    arr.flush()
+    del arr
+    with open(path, "rb+") as f:
+        os.fsync(f.fileno())
+    return total
+
+
+def split_indices(n: int, val_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """A random set of documents for validation; both splits keep the source order."""
+    n_val = min(n - 1, max(1, round(n * val_fraction)))
+    val = np.sort(np.random.default_rng(seed).permutation(n)[:n_val])
+    train = np.setdiff1d(np.arange(n), val, assume_unique=True)
+    return train, val
+
+
+def check_prepare_args(val_fraction: float, num_proc: int | None, txt_docs: str) -> None:
+    if not 0.0 < val_fraction < 1.0:
+        raise DataError(f"--val-fraction must be in (0, 1), got {val_fraction}")
+    if num_proc is not None and (isinstance(num_proc, bool) or not isinstance(num_proc, int) or num_proc < 1):
+        raise DataError(f"--num-proc must be an integer >= 1, got {num_proc!r}")
+    if txt_docs not in TXT_DOCS:
+        raise DataError(f"--txt-docs must be one of {TXT_DOCS}, got {txt_docs!r}")
+
+
+def prepare(dataset: str = OWT, out: str = "data/openwebtext", text_column: str = "text",
+            split: str = "train", config: str | None = None, val_fraction: float = 0.0005,
+            num_proc: int | None = None, txt_docs: str = "paragraph", seed: int = 2357,
+            overwrite: bool = False) -> dict:
+    """Tokenise `dataset` into out/train.bin, out/val.bin and out/meta.json, all replaced in one
+    transaction; returns the meta dict. A finished output is left alone unless overwrite."""
+    check_prepare_args(val_fraction, num_proc, txt_docs)
+    out_arg, out = out, os.path.realpath(out)      # a symlinked output directory stays where it points
+    check_out(out)
+    with _output_lock(out):
+        done = finished(out)
+        if done and not overwrite:
+            print(f"{out_arg} already holds a finished dataset ({done['train_tokens']:,} train + "
+                  f"{done['val_tokens']:,} val tokens from {done['source']}); nothing to do. Use --overwrite to "
+                  "prepare it again.")
+            return done
+        files = local_files(dataset)
+        kind = local_kind(files) if files else None
+        for f in files:
+            check_input_file(f, text=kind != "parquet")
+        gpt2_encoding()                                       # fail early (offline, no cache) and clearly
+        t0 = time.time()
+        with _new_output(out) as tmp:
+            meta = _prepare_into(tmp, dataset, files, text_column, split, config, val_fraction, num_proc,
+                                 txt_docs, seed)
+    print(f"wrote {out_arg}: train.bin {meta['train_tokens']:,} tokens ({meta['train_documents']:,} documents), "
+          f"val.bin {meta['val_tokens']:,} tokens ({meta['val_documents']:,} documents) in "
+          f"{time.time() - t0:.1f}s")
+    return meta
+
+
+def _prepare_into(tmp: str, dataset: str, files: list[str], text_column: str, split: str,
+                  config: str | None, val_fraction: float, num_proc: int | None, txt_docs: str,
+                  seed: int) -> dict:
+    """prepare()'s work, written into the (temp) directory tmp."""
+    import datasets
+    cache = os.path.join(tmp, LOCAL_CACHE)
+    if files:
+        print(f"reading {len(files)} local file(s) from {dataset}")
+        ds, column = load_local(files, text_column, txt_docs, cache)
+    else:
+        print(f"loading {dataset} (split {split}) from the Hugging Face hub")
+        ds, column = load_hub(dataset, config, split, num_proc), text_column
+    if column not in ds.column_names:
+        raise DataError(f"{dataset} has no column {column!r}; its columns are {ds.column_names}. "
+                        "Pick one with --text-column.")
+    if len(ds) < 2:
+        raise DataError(f"{dataset} holds {len(ds)} document(s); need at least 2 (one for validation)")
+    features = datasets.Features({"ids": datasets.Sequence(datasets.Value("uint16")),
+                                  "len": datasets.Value("int64")})
+    tokenized = ds.map(tokenize_batch, fn_kwargs={"text_column": column}, batched=True, batch_size=1000,
+                       remove_columns=ds.column_names, features=features,
+                       num_proc=num_proc if num_proc and num_proc > 1 else None, desc="tokenizing")
+    train_idx, val_idx = split_indices(len(tokenized), val_fraction, seed)
+    counts = {name: write_bin(tokenized.select(idx), os.path.join(tmp, f"{name}.bin"), f"writing {name}.bin")
+              for name, idx in (("train", train_idx), ("val", val_idx))}
+    n_docs = len(tokenized)
+    del ds, tokenized
+    shutil.rmtree(cache, ignore_errors=True)
+    meta = {
+        "tokenizer": "gpt2", "library": "tiktoken", "vocab_size": VOCAB_SIZE, "eot_token": EOT,
+        "dtype": np.dtype(DTYPE).name, "train_tokens": counts["train"], "val_tokens": counts["val"],
+        "header_bytes": HEADER_BYTES,
+        "header_sha256": {s: header_sha256(os.path.join(tmp, f"{s}.bin")) for s in SPLITS},
+        "train_documents": int(len(train_idx)), "val_documents": int(len(val_idx)),
+        "documents": int(n_docs), "source": dataset, "split": split if not files else None,
+        "text_column": column, "txt_docs": txt_docs if files and column == "text" else None,
+        "val_fraction": val_fraction, "seed": seed,
+    }
+    write_json(meta, os.path.join(tmp, "meta.json"))
+    return meta
+
+
+def write_token_files(directory: str, splits: dict[str, np.ndarray], **meta) -> dict:
+    """Write token arrays (e.g. {"train": ..., "val": ...}) as {split}.bin plus a meta.json that
+    TokenData accepts, in one transaction like prepare(). `meta` adds to or overrides the recorded
+    fields (vocab_size defaults to GPT-2's; ids must lie in [0, vocab_size)). Returns the meta dict."""
+    vocab_size = int(meta.get("vocab_size", VOCAB_SIZE))
+    dtype = np.dtype(meta.get("dtype", "uint16"))
+    if dtype.name not in TOKEN_DTYPES or vocab_size > np.iinfo(dtype).max + 1:
+        raise DataError(f"dtype {dtype.name} cannot hold token ids below vocab_size={vocab_size}; "
+                        f"use one of {TOKEN_DTYPES} wide enough")
+    arrays = {}
+    for name, ids in splits.items():
+        ids = np.asarray(ids)
+        if ids.ndim != 1 or ids.size == 0 or not np.issubdtype(ids.dtype, np.integer):
+            raise DataError(f"split {name!r}: need a non-empty 1-D integer array, got shape {ids.shape} {ids.dtype}")
+        if ids.min() < 0 or ids.max() >= vocab_size:
+            raise DataError(f"split {name!r} holds token ids in [{ids.min()}, {ids.max()}], outside "
+                            f"[0, vocab_size={vocab_size})")
+        arrays[name] = ids.astype(dtype)
+    out = os.path.realpath(directory)
+    check_out(out)
+    info = {"tokenizer": None, "vocab_size": vocab_size, "dtype": dtype.name, "source": "write_token_files",
+            "header_bytes": HEADER_BYTES, "header_sha256": {}}
+    with _output_lock(out), _new_output(out) as tmp:
+        for name, ids in arrays.items():
+            path = os.path.join(tmp, f"{name}.bin")
+            ids.tofile(path)
+            info[f"{name}_tokens"] = int(ids.size)
+            info["header_sha256"][name] = header_sha256(path)
+        info.update({k: v for k, v in meta.items() if k not in ("vocab_size", "dtype")})
+        write_json(info, os.path.join(tmp, "meta.json"))
+    return info
+
+
+# -----------------------------------------------------------------------------
+# Reading: batches for training
 
 class TokenData:
-    """The prepared token files of one directory, as read-only uint16 memmaps."""
+    """The prepared token files of one directory, as read-only memmaps, checked against meta.json."""
 
     def __init__(self, data_dir: str):
         self.data_dir = data_dir
-        missing = [s for s in ("train", "val") if not os.path.isfile(os.path.join(data_dir, f"{s}.bin"))]
+        missing = [s for s in SPLITS if not os.path.isfile(os.path.join(data_dir, f"{s}.bin"))]
         if missing:
             raise FileNotFoundError(
                 f"no {' or '.join(s + '.bin' for s in missing)} in {data_dir!r}. Prepare the data first, e.g. "
                 f"`python prepare_owt.py --out {data_dir}` (OpenWebText) or "
                 f"`python prepare_owt.py --dataset ../shared/data/tinyshakespeare.txt --out {data_dir}`.")
-        self.meta = {}
-        meta_path = os.path.join(data_dir, "meta.json")
-        if os.path.isfile(meta_path):
-            with open(meta_path) as f:
-                self.meta = json.load(f)
-        dtype = np.dtype(self.meta.get("dtype", "uint16"))
-        self.splits = {s: np.memmap(os.path.join(data_dir, f"{s}.bin"), dtype=dtype, mode="r")
-                       for s in ("train", "val")}
+        self.meta = read_meta(data_dir)
+        check_files(data_dir, self.meta)
+        self.vocab_size = int(self.meta["vocab_size"])
+        dtype = np.dtype(self.meta["dtype"])
+        self.splits = {s: np.memmap(os.path.join(data_dir, f"{s}.bin"), dtype=dtype, mode="r") for s in SPLITS}
 
     def num_tokens(self, split: str) -> int:
         return len(self.splits[split])
@@ -41,9 +625,16 @@ class TokenData:
     def check_block_size(self, block_size: int) -> None:
         for split, arr in self.splits.items():
             if len(arr) <= block_size + 1:
-                raise ValueError(f"{self.data_dir}/{split}.bin holds {len(arr)} tokens, fewer than "
-                                 f"block_size + 2 = {block_size + 2}; use a smaller block_size or more data "
-                                 "(e.g. a larger --val-fraction in prepare_owt.py)")
+                raise DataError(f"{self.data_dir}/{split}.bin holds {len(arr)} tokens, fewer than "
+                                f"block_size + 2 = {block_size + 2}; use a smaller block_size or more data "
+                                "(e.g. a larger --val-fraction in prepare_owt.py)")
+
+    def check_vocab(self, model_vocab_size: int) -> None:
+        """Refuse data whose token ids may not fit the model's embedding."""
+        if self.vocab_size > model_vocab_size:
+            raise DataError(f"{self.data_dir} was prepared with vocab_size={self.vocab_size} (meta.json), more "
+                            f"than the model's {model_vocab_size}: its token ids would index past the model's "
+                            "embedding. Use a model with the data's tokenizer, or data prepared for this model")
 
     def sample_offsets(self, split: str, block_size: int, shape: tuple[int, ...],
                        generator: torch.Generator) -> torch.Tensor:
@@ -59,6 +650,11 @@ class TokenData:
         overlaps with whatever the GPU is still running."""
         arr = self.splits[split]
         rows = np.stack([arr[o:o + block_size + 1] for o in offsets.tolist()]).astype(np.int64)  # (B, T+1)
+        if rows.max() >= self.vocab_size:   # on the host, before an embedding lookup would fail on the device
+            cmd = prepare_command(self.data_dir, self.meta.get("source"))
+            raise DataError(f"{self.data_dir}/{split}.bin holds token id {int(rows.max())}, not below vocab_size="
+                            f"{self.vocab_size} (meta.json): the file is damaged or was not written for this "
+                            f"tokenizer. Prepare the data again: {cmd}")
         xy = torch.from_numpy(rows)
         x, y = xy[:, :-1].contiguous(), xy[:, 1:].contiguous()
         if torch.device(device).type == "cuda":

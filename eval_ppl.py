@@ -20,6 +20,11 @@ Two protocols (see README, "Evaluation"):
   window scores only the tokens that no earlier window scored, so every token
   but the first is scored exactly once with up to context-1 tokens of history;
   ppl = exp(total loss / number of scored tokens).
+
+Precision: --dtype auto evaluates the paper protocol in float32, as the published
+numbers were computed (bfloat16 autocast shifts a perplexity enough to blur a
+comparison with them), and the sliding protocol with bfloat16 autocast on a CUDA
+GPU that has it. Every record names the dtype it was computed in.
 """
 from __future__ import annotations
 
@@ -28,14 +33,18 @@ import json
 import math
 import os
 import sys
-from contextlib import nullcontext
+import tempfile
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from data import gpt2_encoding
 from kronecker import frozen_kron_weights
+from model import GPT, MODEL_KINDS_HELP, resolve_model
+from runtime import DEVICE_HELP, DTYPES, autocast, dtype_name, pick_device, pick_dtype
+from storage import DiskFull, write_json
 
 # name -> (hub dataset, config, split)
 DATASETS = {
@@ -47,7 +56,6 @@ DATASETS = {
     "lambada_openai": ("EleutherAI/lambada_openai", "default", "test"),   # "default" = English
 }
 PROTOCOLS = ("paper", "sliding")
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def is_lambada(dataset: str) -> bool:
@@ -90,8 +98,13 @@ def read_data_file(path: str) -> list[str]:
     gives the same joined text, tokens and perplexity as the hub's copy."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"--data-file {path}: no such file")
-    with open(path, encoding="utf-8", newline="") as f:
-        text = f.read()
+    try:
+        with open(path, encoding="utf-8", newline="") as f:
+            text = f.read()
+    except UnicodeDecodeError as e:
+        raise ValueError(f"--data-file {path} is not UTF-8 text (byte {e.object[e.start]:#04x} at offset "
+                         f"{e.start:,}); convert it first, e.g. iconv -f latin1 -t utf-8 {path} > converted.txt"
+                         ) from None
     if not text.strip():
         raise ValueError(f"--data-file {path} is empty: there is nothing to evaluate")
     lines = text.split("\n")
@@ -110,12 +123,6 @@ def read_data_file(path: str) -> list[str]:
                                  f"'text' field per line ({type(e).__name__}: {e})") from e
         return rows
     return [line + "\n" if line.strip() else "" for line in lines]
-
-
-def get_encoder():
-    """GPT-2 BPE, with prepare_owt's clear error when tiktoken's files cannot be had offline."""
-    from prepare_owt import gpt2_encoding
-    return gpt2_encoding()
 
 
 def tokenize_joined(rows: list[str], enc) -> list[int]:
@@ -160,12 +167,6 @@ def make_windows(n_tokens: int, context: int, protocol: str, stride: int | None 
     return windows
 
 
-def autocast_for(device: str, dtype: torch.dtype):
-    if dtype == torch.float32:
-        return nullcontext()
-    return torch.autocast(device_type=torch.device(device).type, dtype=dtype)
-
-
 @torch.no_grad()
 def window_losses(model, tokens: list[int], windows: list[Window], batch_size: int = 8,
                   device: str = "cpu", dtype: torch.dtype = torch.float32,
@@ -183,7 +184,7 @@ def window_losses(model, tokens: list[int], windows: list[Window], batch_size: i
         for ids in tqdm(batches, desc=desc, unit="batch", leave=False, disable=len(batches) < 2):
             x = torch.stack([data[windows[i].begin:windows[i].end - 1] for i in ids]).to(device)  # (B, L-1)
             y = torch.stack([data[windows[i].begin + 1:windows[i].end] for i in ids]).to(device)  # (B, L-1)
-            with autocast_for(device, dtype):
+            with autocast(device, dtype):
                 logits, _ = model(x)
             nll = F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), reduction="none").view(y.shape)  # (B, L-1)
             for row, i in enumerate(ids):
@@ -255,7 +256,7 @@ def lambada_accuracy(model, texts: list[str], enc, batch_size: int = 8, device: 
             x = torch.zeros(len(seqs), T, dtype=torch.long)
             for row, s in enumerate(seqs):
                 x[row, :len(s)] = torch.tensor(s)
-            with autocast_for(device, dtype):
+            with autocast(device, dtype):
                 logits, _ = model(x.to(device))
             logits = logits.float()
             for row, ((_, word), s) in enumerate(zip(batch, seqs)):
@@ -271,26 +272,43 @@ def lambada_accuracy(model, texts: list[str], enc, batch_size: int = 8, device: 
 # -----------------------------------------------------------------------------
 # Driver
 
-def resolve_device(device: str) -> str:
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError("--device cuda asked for, but torch sees no CUDA device; use --device cpu")
-    return device
-
-
-def resolve_dtype(dtype: str, device: str) -> torch.dtype:
-    if dtype == "auto":
-        if device.startswith("cuda") and torch.cuda.is_bf16_supported():
-            return torch.bfloat16
+def eval_dtype(name: str, protocol: str, device: torch.device, log=print) -> torch.dtype:
+    """The evaluation dtype: "auto" is float32 for the paper protocol (the published numbers),
+    else runtime.pick_dtype's choice (bfloat16 autocast on a CUDA GPU that has it)."""
+    if name == "auto" and protocol == "paper":
         return torch.float32
-    return DTYPES[dtype]
+    return pick_dtype(name, device, log)
 
 
-def load_model(spec: str, device: str = "cpu"):
-    from model import GPT
-    model = GPT.load(spec)
-    return model.to(device).eval()
+def check_model_names(specs: list[str]) -> None:
+    """Resolve every --model (model.resolve_model: nothing is loaded or downloaded), so a
+    mistyped path fails before any dataset is read."""
+    for spec in specs:
+        try:
+            resolve_model(spec)
+        except FileNotFoundError as e:
+            if os.path.exists(os.path.expanduser(spec)):
+                raise                                # a directory without a model: resolve_model says so
+            raise FileNotFoundError(f"no such directory or checkpoint: --model {spec} names no file or "
+                                    f"directory and no hub model; a model is {MODEL_KINDS_HELP}") from None
+
+
+def check_writable(path: str) -> None:
+    """Fail now, not after the evaluation, when the results cannot be written to `path`."""
+    if os.path.isdir(path):
+        raise ValueError(f"--out {path} is a directory; give a file name, e.g. {os.path.join(path, 'results.json')}")
+    directory = os.path.dirname(os.path.abspath(path))
+    try:
+        os.makedirs(directory, exist_ok=True)
+        with tempfile.TemporaryFile(dir=directory):
+            pass
+    except OSError as e:
+        raise ValueError(f"--out {path}: cannot write in {directory} ({e.strerror or e}); choose another "
+                         "path") from None
+
+
+def load_model(spec: str, device: torch.device | str = "cpu") -> GPT:
+    return GPT.load(spec).to(device).eval()
 
 
 def evaluate(model, model_name: str, dataset: str, rows: list[str], enc, protocol: str = "paper",
@@ -306,7 +324,7 @@ def evaluate(model, model_name: str, dataset: str, rows: list[str], enc, protoco
               "ppl": res["ppl"], "nll": res["nll"], "windows": res["windows"],
               "context_length": res["context_length"], "stride": res["stride"],
               "num_params": model.num_params(), "num_params_no_wpe": model.num_params(include_wpe=False),
-              "dtype": str(dtype).replace("torch.", "")}
+              "dtype": dtype_name(dtype)}
     if is_lambada(dataset):
         texts = rows
         if limit_tokens:   # the passages whose tokens fit in the limit (at least one)
@@ -353,17 +371,30 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--block-size", type=int, default=None,
                    help="context length in tokens (default: the model's block size, 1024 for GPT-2)")
     p.add_argument("--batch-size", type=int, default=8, help="windows per forward pass")
-    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+    p.add_argument("--device", default="auto", help=DEVICE_HELP)
     p.add_argument("--dtype", default="auto", choices=["auto", *DTYPES],
-                   help="auto = bfloat16 autocast on a CUDA GPU that supports it, else float32")
+                   help="precision of the evaluation (recorded in every result). auto = float32 for "
+                        "--protocol paper (as the published numbers); for sliding, bfloat16 autocast on a CUDA "
+                        "GPU that supports it, else float32")
     p.add_argument("--limit-tokens", type=int, default=None,
                    help="evaluate only the first N tokens of each dataset (quick runs; not comparable)")
     p.add_argument("--out", default=None, help="write the records as a JSON list here")
     args = p.parse_args(argv)
     if args.batch_size < 1:
-        p.error("--batch-size must be >= 1")
+        raise ValueError(f"--batch-size {args.batch_size}: must be >= 1")
     if args.limit_tokens is not None and args.limit_tokens < 2:
-        p.error("--limit-tokens must be >= 2")
+        raise ValueError(f"--limit-tokens {args.limit_tokens}: must be >= 2 (perplexity needs two tokens)")
+    if args.block_size is not None and args.block_size < 2:
+        raise ValueError(f"--block-size {args.block_size}: must be >= 2 tokens")
+    if args.stride is not None:
+        if args.protocol != "sliding":
+            raise ValueError("--stride applies to --protocol sliding only (the paper protocol's stride is the "
+                             "block size); drop --stride or add --protocol sliding")
+        if args.stride < 1:
+            raise ValueError(f"--stride {args.stride}: must be >= 1 (and below the context length)")
+        if args.block_size is not None and args.stride >= args.block_size:
+            raise ValueError(f"--stride {args.stride} must be below --block-size {args.block_size}, or tokens "
+                             "would be scored without context")
     if args.datasets is None:
         args.datasets = "" if args.data_file else "wikitext-103,wikitext-2,lambada"
     args.datasets = [d.strip() for d in args.datasets.split(",") if d.strip()]
@@ -372,17 +403,17 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> list[dict]:
     args = parse_args(argv)
-    for d in args.datasets:     # fail before loading anything
+    # every check before anything is loaded: a mistake should not wait for a download
+    for d in args.datasets:
         if d not in DATASETS:
             raise ValueError(f"unknown dataset {d!r}; choose from {', '.join(DATASETS)} "
                              "or evaluate a local file with --data-file PATH")
-    for spec in args.model:     # a mistyped path should not wait for the datasets to download
-        looks_like_path = os.sep in spec or spec.endswith(".pt") or spec.startswith(".")
-        if looks_like_path and not os.path.exists(spec):
-            raise FileNotFoundError(f"no such directory or checkpoint: {spec}")
-    device = resolve_device(args.device)
-    dtype = resolve_dtype(args.dtype, device)
-    enc = get_encoder()
+    check_model_names(args.model)
+    if args.out:
+        check_writable(args.out)
+    device = pick_device(args.device)
+    dtype = eval_dtype(args.dtype, args.protocol, device, log=lambda m: print(m, file=sys.stderr))
+    enc = gpt2_encoding()
     data = [(path, read_data_file(path)) for path in args.data_file]
     data += [(d, load_rows(d, args.split)) for d in args.datasets]
     records = []
@@ -398,9 +429,7 @@ def main(argv=None) -> list[dict]:
         del model
     print(markdown_table(records))
     if args.out:
-        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-        with open(args.out, "w") as f:
-            json.dump(records, f, indent=2)
+        write_json(records, args.out)
         print(f"wrote {len(records)} records to {args.out}", file=sys.stderr)
     return records
 
@@ -408,6 +437,10 @@ def main(argv=None) -> list[dict]:
 if __name__ == "__main__":
     try:
         main()
-    except (ValueError, FileNotFoundError, RuntimeError) as e:
-        print(f"error: {e}", file=sys.stderr)
+    except (ValueError, OSError, RuntimeError) as e:     # OSError: a missing file, storage.DiskFull
+        message = e.strerror if isinstance(e, DiskFull) else str(e)     # DiskFull's str() has "[Errno 28]"
+        print(f"error: {' '.join(message.split())}", file=sys.stderr)
         sys.exit(2)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        sys.exit(130)

@@ -11,18 +11,22 @@ Conv1D matrices: the export trades the compression for compatibility (a
 Krony-81M checkpoint becomes a 124M-parameter GPT-2 file with the same outputs).
 Writes config.json and model.safetensors (keys 'transformer.*', Conv1D (in, out)
 weights; lm_head is tied to wte and not stored, as save_pretrained does).
+
+The directory is written whole: built beside --out and renamed into place at the end,
+so an interrupted export leaves no half directory, and --overwrite leaves no file of
+the previous export behind. A non-empty --out is refused without --overwrite.
 """
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 
 import torch
 import torch.nn as nn
 
-from model import LINEAR_NAMES, dense_weight
+from model import GPT, LINEAR_NAMES, dense_weight, resolve_model
+from storage import DiskFull, atomic_directory, write_json
 
 
 @torch.no_grad()
@@ -78,13 +82,25 @@ def hf_config(model) -> dict:
     }
 
 
-def export(model, out_dir: str) -> str:
-    """Write config.json and model.safetensors for `model` into out_dir; returns out_dir."""
+def check_out(out_dir: str, overwrite: bool = False) -> None:
+    """Refuse an --out that is a file, or a directory with files in it unless overwrite."""
+    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
+        raise ValueError(f"--out {out_dir} is a file; give a directory to write config.json and "
+                         "model.safetensors into")
+    if os.path.isdir(out_dir) and os.listdir(out_dir) and not overwrite:
+        raise ValueError(f"--out {out_dir} is not empty; add --overwrite to replace the whole directory, or "
+                         "choose a new one")
+
+
+def export(model, out_dir: str, overwrite: bool = False) -> str:
+    """Write config.json and model.safetensors for `model` as the directory out_dir, replacing it
+    whole (only with overwrite when it holds files); returns out_dir."""
     from safetensors.torch import save_file
-    os.makedirs(out_dir, exist_ok=True)
-    save_file(hf_state_dict(model.cpu()), os.path.join(out_dir, "model.safetensors"), metadata={"format": "pt"})
-    with open(os.path.join(out_dir, "config.json"), "w") as f:
-        json.dump(hf_config(model), f, indent=2)
+    check_out(out_dir, overwrite)
+    # a symlinked --out stays a link: the directory it points to is replaced
+    with atomic_directory(os.path.realpath(out_dir)) as tmp:
+        save_file(hf_state_dict(model.cpu()), os.path.join(tmp, "model.safetensors"), metadata={"format": "pt"})
+        write_json(hf_config(model), os.path.join(tmp, "config.json"))
     return out_dir
 
 
@@ -92,11 +108,14 @@ def main(argv=None) -> None:
     p = argparse.ArgumentParser(description="Export a Krony checkpoint as a dense GPT-2 in Hugging Face layout "
                                             "(config.json + model.safetensors).")
     p.add_argument("--model", required=True, help="checkpoint file (.pt), run directory, or any model GPT.load takes")
-    p.add_argument("--out", required=True, help="output directory")
+    p.add_argument("--out", required=True, help="output directory (new or empty; see --overwrite)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace a non-empty --out whole (none of its files survive)")
     args = p.parse_args(argv)
-    from model import GPT
+    check_out(args.out, args.overwrite)     # before the (slow) load
+    resolve_model(args.model)
     model = GPT.load(args.model).eval()
-    export(model, args.out)
+    export(model, args.out, args.overwrite)
     dense = sum(t.numel() for t in hf_state_dict(model).values())
     print(f"wrote {args.out} (config.json, model.safetensors): {model.num_params():,} parameters materialised "
           f"into a dense GPT-2 of {dense:,} stored values")
@@ -105,6 +124,10 @@ def main(argv=None) -> None:
 if __name__ == "__main__":
     try:
         main()
-    except (ValueError, FileNotFoundError, RuntimeError) as e:
-        print(f"error: {e}", file=sys.stderr)
+    except (ValueError, OSError, RuntimeError) as e:     # OSError: a missing file, storage.DiskFull
+        message = e.strerror if isinstance(e, DiskFull) else str(e)     # DiskFull's str() has "[Errno 28]"
+        print(f"error: {' '.join(message.split())}", file=sys.stderr)
         sys.exit(2)
+    except KeyboardInterrupt:
+        print("interrupted: --out is as it was before this run", file=sys.stderr)
+        sys.exit(130)

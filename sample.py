@@ -12,12 +12,15 @@ Tokens per second are printed to stderr at the end.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 
 import torch
 
-from eval_ppl import get_encoder, load_model, resolve_device, resolve_dtype, DTYPES
+from data import gpt2_encoding
+from model import GPT, resolve_model
+from runtime import DEVICE_HELP, DTYPES, dtype_name, pick_device, pick_dtype, sync
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -33,23 +36,45 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--top-k", type=int, default=None, help="keep only the k most likely tokens")
     p.add_argument("--top-p", type=float, default=None, help="nucleus sampling: smallest set with mass >= p")
     p.add_argument("--seed", type=int, default=1337)
-    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+    p.add_argument("--device", default="auto", help=DEVICE_HELP)
     p.add_argument("--dtype", default="auto", choices=["auto", *DTYPES],
                    help="auto = bfloat16 autocast on a CUDA GPU that supports it, else float32")
     p.add_argument("--no-cache", action="store_true", help="recompute the whole context for every token")
     args = p.parse_args(argv)
-    if args.temperature < 0:
-        p.error("--temperature must be >= 0")
-    if args.top_p is not None and not 0 < args.top_p <= 1:
-        p.error("--top-p must be in (0, 1]")
-    if args.top_k is not None and args.top_k < 1:
-        p.error("--top-k must be >= 1")
+    check_args(args)
     return args
+
+
+def check_args(args: argparse.Namespace) -> None:
+    """One-line errors for values argparse's types let through, before the model is loaded."""
+    if args.num_samples < 1:
+        raise ValueError(f"--num-samples {args.num_samples}: must be >= 1")
+    if args.max_new_tokens < 1:
+        raise ValueError(f"--max-new-tokens {args.max_new_tokens}: must be >= 1")
+    if not args.temperature >= 0:           # also refuses nan
+        raise ValueError(f"--temperature {args.temperature}: must be >= 0 (0 = greedy)")
+    if args.top_p is not None and not 0 < args.top_p <= 1:
+        raise ValueError(f"--top-p {args.top_p}: must be in (0, 1]")
+    if args.top_k is not None and args.top_k < 1:
+        raise ValueError(f"--top-k {args.top_k}: must be >= 1 (leave it out to keep every token)")
+    if args.prompt_file is not None and not os.path.isfile(args.prompt_file):
+        raise FileNotFoundError(f"--prompt-file {args.prompt_file}: no such file")
+    if args.interactive and args.prompt_file is not None:
+        raise ValueError("--interactive reads its prompts from the terminal; drop --prompt-file")
+
+
+def read_prompt(path: str) -> str:
+    try:
+        with open(path, encoding="utf-8") as f:
+            return f.read()
+    except UnicodeDecodeError as e:
+        raise ValueError(f"--prompt-file {path} is not UTF-8 text (byte {e.object[e.start]:#04x} at offset "
+                         f"{e.start:,})") from None
 
 
 def sample(model, enc, prompt: str, num_samples: int = 1, max_new_tokens: int = 200,
            temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
-           device: str = "cpu", use_cache: bool = True,
+           device: torch.device | str = "cpu", use_cache: bool = True,
            generator: torch.Generator | None = None) -> tuple[list[str], int, float]:
     """num_samples continuations of prompt; returns (texts, new tokens generated, seconds)."""
     ids = enc.encode_ordinary(prompt) or [enc.eot_token]   # an empty prompt starts a document
@@ -57,8 +82,7 @@ def sample(model, enc, prompt: str, num_samples: int = 1, max_new_tokens: int = 
     start = time.perf_counter()
     out = model.generate(idx, max_new_tokens, temperature, top_k, top_p, use_cache=use_cache,
                          generator=generator)
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
+    sync(device)
     seconds = time.perf_counter() - start
     texts = [enc.decode(row[len(ids):].tolist()) for row in out]
     return texts, num_samples * max_new_tokens, seconds
@@ -66,16 +90,14 @@ def sample(model, enc, prompt: str, num_samples: int = 1, max_new_tokens: int = 
 
 def main(argv=None) -> None:
     args = parse_args(argv)
-    device = resolve_device(args.device)
-    dtype = resolve_dtype(args.dtype, device)
+    resolve_model(args.model)               # a mistyped name fails before anything is loaded
+    prompt = read_prompt(args.prompt_file) if args.prompt_file else args.prompt
+    device = pick_device(args.device)
+    dtype = pick_dtype(args.dtype, device, log=lambda m: print(m, file=sys.stderr))
+    enc = gpt2_encoding()
     # the weights themselves in dtype (not autocast): the KV cache then has the same dtype
-    model = load_model(args.model, device).to(dtype)
-    enc = get_encoder()
+    model = GPT.load(args.model).to(device).eval().to(dtype)
     generator = torch.Generator(device=device).manual_seed(args.seed)
-    prompt = args.prompt
-    if args.prompt_file:
-        with open(args.prompt_file, encoding="utf-8") as f:
-            prompt = f.read()
     total_tokens, total_seconds = 0, 0.0
 
     def run(text: str) -> None:
@@ -101,15 +123,15 @@ def main(argv=None) -> None:
         run(prompt)
     if total_seconds > 0:
         print(f"{total_tokens} tokens in {total_seconds:.2f} s: {total_tokens / total_seconds:.1f} tokens/s "
-              f"({'KV cache' if not args.no_cache else 'no cache'}, {device}, {str(dtype).replace('torch.', '')})",
+              f"({'KV cache' if not args.no_cache else 'no cache'}, {device}, {dtype_name(dtype)})",
               file=sys.stderr)
 
 
 if __name__ == "__main__":
     try:
         main()
-    except (ValueError, FileNotFoundError, RuntimeError) as e:
-        print(f"error: {e}", file=sys.stderr)
+    except (ValueError, OSError, RuntimeError) as e:     # OSError: a missing file
+        print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:
         sys.exit(130)

@@ -1,10 +1,12 @@
-"""prepare_owt.py on local files (offline): counts, round trip through the BPE, end-of-text, re-runs, hub fallbacks."""
+"""data.prepare and its CLI prepare_owt.py on local files (offline): counts, round trip through the BPE,
+end-of-text, re-runs, hub fallbacks."""
 import json
 import os
 
 import numpy as np
 import pytest
 
+import data
 import prepare_owt
 
 PARAGRAPHS = [
@@ -22,8 +24,8 @@ def read_bin(out, split):
 
 def split_docs(ids, enc):
     """Decode a token array into documents at the end-of-text tokens (which must end it)."""
-    assert ids[-1] == prepare_owt.EOT
-    cuts = np.flatnonzero(ids == prepare_owt.EOT)
+    assert ids[-1] == data.EOT
+    cuts = np.flatnonzero(ids == data.EOT)
     docs, start = [], 0
     for c in cuts:
         docs.append(enc.decode(ids[start:c].tolist()))
@@ -36,7 +38,7 @@ def test_txt_paragraphs_round_trip(tmp_path, tiktoken_gpt2):
     docs = [f"{i}. {p}" for i, p in enumerate(PARAGRAPHS * 4)]      # 20 distinct documents
     src.write_text("\n\n".join(docs[:10]) + "\n \n\n" + "\n\n".join(docs[10:]) + "\n", encoding="utf-8")
     out = str(tmp_path / "out")
-    meta = prepare_owt.prepare(str(src), out, val_fraction=0.2, seed=0)
+    meta = data.prepare(str(src), out, val_fraction=0.2, seed=0)
     train, val = read_bin(out, "train"), read_bin(out, "val")
     with open(os.path.join(out, "meta.json")) as f:
         assert json.load(f) == meta
@@ -45,8 +47,8 @@ def test_txt_paragraphs_round_trip(tmp_path, tiktoken_gpt2):
     assert meta["documents"] == 20 and meta["train_documents"] + meta["val_documents"] == 20
     assert meta["val_documents"] == 4 and meta["dtype"] == "uint16" and meta["tokenizer"] == "gpt2"
     # one end-of-text after every document
-    assert (train == prepare_owt.EOT).sum() == meta["train_documents"]
-    assert (val == prepare_owt.EOT).sum() == meta["val_documents"]
+    assert (train == data.EOT).sum() == meta["train_documents"]
+    assert (val == data.EOT).sum() == meta["val_documents"]
     # decoding gives back the source documents, in source order within each split
     got_train, got_val = split_docs(train, tiktoken_gpt2), split_docs(val, tiktoken_gpt2)
     assert sorted(got_train + got_val) == sorted(docs)
@@ -67,7 +69,7 @@ def test_jsonl_text_column_and_rerun(tmp_path, tiktoken_gpt2, capsys):
     got = split_docs(train, tiktoken_gpt2) + split_docs(read_bin(out, "val"), tiktoken_gpt2)
     assert sorted(got) == sorted(r["body"] for r in rows)
     # the slice of train.bin holding the first training document decodes to its text
-    first = np.flatnonzero(train == prepare_owt.EOT)[0]
+    first = np.flatnonzero(train == data.EOT)[0]
     assert tiktoken_gpt2.decode(train[:first].tolist()) in [r["body"] for r in rows]
 
     # a finished output is recognised and left alone; --overwrite redoes it
@@ -92,14 +94,14 @@ def test_txt_docs_modes_and_interrupted_output(tmp_path, tiktoken_gpt2):
     a.write_text("line one\nline two\n\nline three\n")
     b.write_text("other file\n")
     out = str(tmp_path / "files")
-    meta = prepare_owt.prepare(str(a.parent), out, txt_docs="file", val_fraction=0.5)
+    meta = data.prepare(str(a.parent), out, txt_docs="file", val_fraction=0.5)
     assert meta["documents"] == 2
-    meta = prepare_owt.prepare(str(a.parent), str(tmp_path / "lines"), txt_docs="line", val_fraction=0.25)
+    meta = data.prepare(str(a.parent), str(tmp_path / "lines"), txt_docs="line", val_fraction=0.25)
     assert meta["documents"] == 4
     # an interrupted run (bins without meta.json) is not mistaken for a finished one
     os.remove(os.path.join(out, "meta.json"))
-    assert prepare_owt.finished(out) is None
-    assert prepare_owt.prepare(str(a.parent), out, txt_docs="file", val_fraction=0.5)["documents"] == 2
+    assert data.finished(out) is None
+    assert data.prepare(str(a.parent), out, txt_docs="file", val_fraction=0.5)["documents"] == 2
 
 
 def test_hub_script_fallback_and_offline_message(tmp_path, monkeypatch, tiktoken_gpt2):
@@ -113,14 +115,14 @@ def test_hub_script_fallback_and_offline_message(tmp_path, monkeypatch, tiktoken
         return datasets.Dataset.from_dict({"text": [f"web page {i}" for i in range(10)]})
 
     monkeypatch.setattr(datasets, "load_dataset", fake_load)
-    meta = prepare_owt.prepare(prepare_owt.OWT, str(tmp_path / "owt"), val_fraction=0.2)
+    meta = data.prepare(data.OWT, str(tmp_path / "owt"), val_fraction=0.2)
     assert calls == [None, "refs/convert/parquet"] and meta["documents"] == 10
 
     def offline(*a, **k):
         raise ConnectionError("Couldn't reach 'Skylion007/openwebtext' on the Hub (OfflineModeIsEnabled)")
 
     monkeypatch.setattr(datasets, "load_dataset", offline)
-    with pytest.raises(prepare_owt.PrepareError, match=r"(?s)Offline.*--dataset PATH\.txt"):
-        prepare_owt.prepare(prepare_owt.OWT, str(tmp_path / "owt2"))
-    with pytest.raises(prepare_owt.PrepareError, match="no such file"):
-        prepare_owt.prepare(str(tmp_path / "missing.txt"), str(tmp_path / "x"))
+    with pytest.raises(data.DataError, match=r"(?s)Offline.*--dataset PATH\.txt"):
+        data.prepare(data.OWT, str(tmp_path / "owt2"))
+    with pytest.raises(data.DataError, match="no such file"):
+        data.prepare(str(tmp_path / "missing.txt"), str(tmp_path / "x"))

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 
+import data
 import train
 from conftest import ROOT, make_tiny_hf
 from model import GPT, GPTConfig, load_checkpoint
@@ -23,9 +24,9 @@ def data_dir(tmp_path_factory):
     d = tmp_path_factory.mktemp("tinydata")
     rng = np.random.default_rng(0)
     sentences = [rng.integers(0, VOCAB, size=rng.integers(5, 12)) for _ in range(8)]
-    for split, n in (("train", 600), ("val", 100)):
-        ids = np.concatenate([sentences[i] for i in rng.integers(0, len(sentences), size=n)])
-        ids.astype(np.uint16).tofile(d / f"{split}.bin")
+    splits = {split: np.concatenate([sentences[i] for i in rng.integers(0, len(sentences), size=n)])
+              for split, n in (("train", 600), ("val", 100))}
+    data.write_token_files(str(d), splits)      # bins + the meta.json TokenData checks them against
     return str(d)
 
 
