@@ -1,5 +1,6 @@
 """
-Config-driven training of (Kronecker-compressed) GPT-2, one process or torchrun.
+Config-driven training of (Kronecker-compressed) GPT-2, one process or torchrun, optionally
+distilled from a teacher.
 
     python train.py configs/quickstart.py                     # laptop CPU, minutes
     python train.py configs/krony81m.py                       # one GPU
@@ -7,251 +8,128 @@ Config-driven training of (Kronecker-compressed) GPT-2, one process or torchrun.
     torchrun --standalone --nproc_per_node=8 train.py configs/krony81m.py \\
         --gradient_accumulation_steps=8 --batch_size=15
 
-A config file is plain Python assignments (`batch_size = 24`); names starting
-with "_" are helpers and ignored. `--key=value` overrides a key; values are parsed
-with ast.literal_eval (`--kron_shape=(1536,384)`, `--decay_lr=False`) and fall back
-to a string (`--init_from=gpt2`). Unknown keys and values of the wrong type are
-errors. Every GPTConfig field (mlp, kron_shape, kron_factors, ...) is a key too.
+A config file is plain Python assignments (`batch_size = 24`); names starting with "_" are helpers
+and ignored. `--key=value` overrides a key; values are parsed with ast.literal_eval
+(`--kron_shape=(1536,384)`, `--decay_lr=False`) and fall back to a string (`--init_from=gpt2`).
+Unknown keys, values of the wrong type and impossible values are errors. Every GPTConfig field
+(mlp, kron_shape, kron_b_shape, kron_factors, kron_init, untied_head, ...) is a key too.
 
 init_from:
   scratch                      a new model built from the config's GPTConfig keys
-  gpt2, gpt2-medium, ..., DIR  a Hugging Face GPT-2 (hub name or local directory),
-                               then compressed as mlp / kron_* say (per-layer report printed)
-  resume                       out_dir/ckpt_last.pt: model, optimizer, iteration, data RNG
-  PATH.pt (or a run dir)       weights only (e.g. the best checkpoint of a pre-training
-                               run, for the fine-tuning phase): fresh optimizer, iteration 0
+  gpt2, gpt2-medium, ..., DIR  a Hugging Face GPT-2 (hub name or local directory), then compressed
+                               as mlp / kron_* say (the per-layer approximation error is printed)
+  resume                       continue out_dir's run: model, optimizer, iteration, data RNG
+  PATH.pt or a run directory   weights only (e.g. the best checkpoint of a pre-training run, for the
+                               big-batch phase): fresh optimizer, iteration 0
 
-Checkpoints (out_dir): ckpt_last.pt at every evaluation, ckpt_best.pt when the
-validation loss improves; both written atomically and holding the resolved config.
+Your runs are safe:
+  one run per out_dir      a lock held for the life of a run makes a second one an error at once
+  out_dir holds a run      the same command resumes it; a run of another config is refused unless
+                           --init_from=resume (continue it; what changed is listed, and only the
+                           architecture and the optimizer's structure cannot change) or
+                           --overwrite=True (start over); a finished run says so and exits 0
+  checkpoints              written atomically (unique temp file, fsync, rename), ckpt_best.pt before
+                           ckpt_last.pt, so a kill at any moment leaves both loadable and the same
+                           command resumes; temp files of a killed run are removed on the next start
+
+Distillation (distill_from=MODEL, any model a script can load): the loss becomes
+  (1 - distill_alpha) * cross-entropy + distill_alpha * T^2 * KL(teacher || student, at temperature T)
+  + distill_hidden * mean over blocks of the mean squared error between the two hidden states.
+The teacher is frozen, in eval mode, on the same device under the same autocast, and never wrapped
+by DDP; the KL is computed a chunk of positions at a time (distill_chunk) to bound its memory.
 """
 from __future__ import annotations
 
 import argparse
-import ast
-import difflib
 import gc
-import inspect
 import math
 import os
-import shutil
 import sys
 import time
-from contextlib import nullcontext
-from dataclasses import MISSING, fields
+from dataclasses import dataclass, fields
+from typing import Optional
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
-from data import TokenData
+import data
+import runtime
+import storage
+from config import (FIXED_ON_RESUME, MODEL_DEFAULTS, MODEL_KEYS, OWT_TOKENS, TRAIN_KEYS, ConfigError, TrainConfig,
+                    TrainError, config_diff, format_diff, resolve_config)
 from kronecker import KronLinear
-from model import GPT, GPTConfig, compress, format_report, load_checkpoint
+from model import DIMENSIONS, GPT, GPTConfig, compress, format_report, load_checkpoint, resolve_model
 
 REPO = os.path.dirname(os.path.abspath(__file__))
-
-# Training keys and their defaults (nanoGPT's names). The model keys come from GPTConfig.
-# As in nanoGPT, the defaults are the main recipe, the pre-training of Krony-PT (paper section
-# 4.1): 24 sequences of 1024 tokens per forward, accumulation 5 (120 sequences, 122,880 tokens
-# per step), AdamW, cosine 6e-5 -> 6e-6 after 1000 warm-up steps, ~3 epochs of OpenWebText
-# (~9B tokens), bf16. Configs set only what differs.
-OWT_TOKENS = 9.0e9
-TRAIN_DEFAULTS = dict(
-    # I/O
-    out_dir="out",
-    data_dir="data/openwebtext",
-    data_prepare=None,            # dict of prepare_owt.prepare() arguments: prepare data_dir if it is missing
-    init_from="scratch",          # scratch | gpt2... | HF dir | resume | checkpoint path
-    eval_interval=1000,
-    eval_iters=200,
-    eval_at_start=True,           # evaluate once before the first step (the loss right after compression)
-    log_interval=10,
-    always_save_checkpoint=True,  # ckpt_last.pt at every eval (False: only together with a new ckpt_best.pt)
-    # wandb
-    wandb_log=False,
-    wandb_project="krony",
-    wandb_run_name="",
-    wandb_mode="",                # "" (wandb's default / WANDB_MODE) | online | offline
-    # data
-    batch_size=24,                # sequences per micro-step and process
-    gradient_accumulation_steps=5,  # micro-steps per optimizer step, summed over all processes
-    # AdamW
-    max_iters=int(3 * OWT_TOKENS / (24 * 1024 * 5)),  # 219,726 steps = 3 epochs of OpenWebText
-    learning_rate=6e-5,
-    weight_decay=0.1,
-    decay_factors=True,           # weight decay on Kronecker factors A, B too (as on 2-D weights)
-    beta1=0.9,
-    beta2=0.95,
-    grad_clip=1.0,                # 0 disables
-    # learning-rate schedule: linear warm-up, then cosine down to min_lr (or constant)
-    decay_lr=True,
-    warmup_iters=1000,
-    lr_decay_iters=0,             # 0: max_iters
-    min_lr=6e-6,
-    # system
-    device="auto",                # auto | cpu | cuda | cuda:N | mps
-    dtype="bfloat16",             # bfloat16 | float16 | float32 (CPU always runs float32)
-    compile=False,
-    seed=1337,
-    peak_flops=0.0,               # for MFU; 0 = look up the GPU (A100 bf16 312e12 if unknown)
-)
-MODEL_DEFAULTS = {f.name: f.default for f in fields(GPTConfig) if f.default is not MISSING}
-DEFAULTS = {**MODEL_DEFAULTS, **TRAIN_DEFAULTS}   # block_size is both: the model's and the training length
-MODEL_KEYS = tuple(f.name for f in fields(GPTConfig))
-ARCH_KEYS = ("n_layer", "n_head", "n_embd", "vocab_size", "bias", "layer_norm_epsilon")
 PEAK_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40": 181e12, "A10": 125e12,
               "V100": 125e12, "4090": 165e12, "3090": 71e12}
 
 
-class TrainError(RuntimeError):
-    """A problem the user can fix; `python train.py` prints it without a traceback."""
-
-
-class ConfigError(TrainError):
-    pass
-
-
 class TrainingDiverged(TrainError):
-    pass
+    """The loss became NaN or infinite."""
 
 
 # -----------------------------------------------------------------------------
-# Configuration
+# Model, teacher, optimizer
 
-def check_value(key: str, value, default):
-    """`value` converted to the type of `default`, or ConfigError. A default of None accepts anything."""
-    if default is None or value is None and key in MODEL_KEYS and MODEL_DEFAULTS.get(key) is None:
-        return value
-    if isinstance(default, bool):
-        ok = isinstance(value, bool)
-    elif isinstance(default, int):
-        ok = isinstance(value, int) and not isinstance(value, bool)
-    elif isinstance(default, float):
-        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
-        value = float(value) if ok else value
-    elif isinstance(default, (tuple, list)):
-        ok = isinstance(value, (tuple, list))
-        value = tuple(value) if ok else value
-    else:
-        ok = isinstance(value, type(default))
-    if not ok:
-        raise ConfigError(f"{key}={value!r} has type {type(value).__name__}, expected {type(default).__name__} "
-                          f"(default {default!r})")
-    return value
-
-
-def unknown_key_error(key: str, where: str) -> ConfigError:
-    close = difflib.get_close_matches(key, DEFAULTS, n=3, cutoff=0.6)
-    hint = f" Did you mean {' or '.join(close)}?" if close else " Run `python train.py --help` for the keys."
-    return ConfigError(f"unknown config key {key!r} in {where}.{hint}")
-
-
-def load_config_file(path: str) -> dict:
-    """The assignments of a Python config file (names starting with '_', modules and functions skipped)."""
-    if not os.path.isfile(path):
-        raise ConfigError(f"no such config file: {path}")
-    namespace: dict = {"__file__": os.path.abspath(path)}
-    with open(path) as f:
-        exec(compile(f.read(), path, "exec"), namespace)
-    return {k: v for k, v in namespace.items()
-            if not k.startswith("_") and not inspect.ismodule(v) and not callable(v)}
-
-
-def parse_override(arg: str) -> tuple[str, object]:
-    if not arg.startswith("--") or "=" not in arg:
-        raise ConfigError(f"overrides look like --key=value (after the config file), got {arg!r}")
-    key, text = arg[2:].split("=", 1)
-    try:
-        value = ast.literal_eval(text)
-    except (ValueError, SyntaxError):
-        value = text                      # a bare word: a string (init_from=gpt2, device=cuda)
-    return key, value
-
-
-def resolve_config(config_file: str | None, overrides: list[str]) -> tuple[dict, set[str]]:
-    """Defaults <- config file <- --key=value overrides; returns the config and the keys set explicitly."""
-    cfg, explicit = dict(DEFAULTS), set()
-    sources = []
-    if config_file:
-        sources += [(k, v, config_file) for k, v in load_config_file(config_file).items()]
-    sources += [(*parse_override(a), "the command line") for a in overrides]
-    for key, value, where in sources:
-        if key not in DEFAULTS:
-            raise unknown_key_error(key, where)
-        cfg[key] = check_value(key, value, DEFAULTS[key])
-        explicit.add(key)
-    return cfg, explicit
-
-
-# -----------------------------------------------------------------------------
-# Model
-
-def is_checkpoint_path(init_from: str) -> bool:
-    return init_from.endswith(".pt") or os.path.isfile(init_from) or (
-        os.path.isdir(init_from) and not os.path.isfile(os.path.join(init_from, "config.json")))
-
-
-def checkpoint_file(path: str) -> str:
-    if os.path.isdir(path):
-        for name in ("ckpt_best.pt", "ckpt_last.pt"):
-            if os.path.isfile(os.path.join(path, name)):
-                return os.path.join(path, name)
-        raise TrainError(f"{path} holds no ckpt_best.pt or ckpt_last.pt")
-    return path
-
-
-def build_model(cfg: dict, explicit: set[str], log) -> tuple[GPT, dict | None]:
-    """The model init_from asks for, and the checkpoint it came from (None unless a checkpoint)."""
-    init = cfg["init_from"]
-    model_cfg = {k: cfg[k] for k in MODEL_KEYS}
+def build_model(cfg: TrainConfig, log) -> GPT:
+    """The model a new run starts from, as init_from says (resume is handled by Trainer.restore)."""
+    init = cfg.init_from
     try:
         if init == "scratch":
-            return GPT(GPTConfig(**model_cfg)), None
-        if init == "resume" or is_checkpoint_path(init):
-            path = os.path.join(cfg["out_dir"], "ckpt_last.pt") if init == "resume" else checkpoint_file(init)
-            if init == "resume" and not os.path.isfile(path):
-                raise TrainError(f"init_from='resume' but there is no {path}; start the run with another init_from")
-            ckpt = load_checkpoint(path)
-            # the checkpoint's architecture, except what the config sets explicitly: a
-            # different shape then fails the check in load_checkpoint_weights
-            saved = ckpt["model_config"]
-            mc = {**saved, **{k: cfg[k] for k in MODEL_KEYS if k in explicit and k != "block_size"}}
+            return GPT(GPTConfig(block_size=cfg.block_size, **cfg.model))
+        found = resolve_model(init)
+        if found.kind == "checkpoint":
+            # weights only; the checkpoint's architecture, except what the config sets explicitly
+            # (a different shape then fails the check in load_checkpoint_weights)
+            ckpt = load_checkpoint(found.path)
+            mc = {**ckpt["model_config"], **cfg.model}
             model = GPT(GPTConfig.from_dict(mc))
-            model.load_checkpoint_weights(ckpt, source=path)
-            log(f"loaded {path} (iteration {ckpt.get('iter_num', '?')}, val loss {ckpt.get('best_val_loss', '?')})")
-            return model, ckpt
-        # a Hugging Face GPT-2: load dense, then compress the MLPs as the config says
-        ignored = sorted(k for k in ARCH_KEYS if k in explicit)
+            model.load_checkpoint_weights(ckpt, source=found.path)
+            log(f"loaded the weights of {found.path} (iteration {ckpt.get('iter_num', '?')})")
+            return model
+        # a Hugging Face GPT-2: load dense, then compress as the config says
+        ignored = sorted(k for k in DIMENSIONS if k in cfg.model)
         if ignored:
             log(f"note: init_from={init!r} fixes {', '.join(ignored)}; the config's values are ignored")
-        model = GPT.from_pretrained(init, dropout=cfg["dropout"])
-        if cfg["mlp"] != "dense" or cfg.get("compress_targets"):
-            accepted = inspect.signature(compress).parameters      # fields added to compress() flow through
-            kwargs = {k: cfg[k] for k in MODEL_KEYS if k in accepted}
-            model, report = compress(model, **kwargs)
-            log(f"compressed {init} with " + ", ".join(f"{k}={v!r}" for k, v in kwargs.items()))
-            log(format_report(report))
-        return model, None
+        model = GPT.from_pretrained(init)
+        changes = {k: v for k, v in cfg.model.items() if k not in DIMENSIONS}
+        if changes.get("mlp", "dense") == "dense" and not changes.get("compress_targets"):
+            return model.rebuilt(**{k: v for k, v in changes.items() if k in ("dropout", "untied_head")})
+        model, report = compress(model, **changes)
+        log(f"compressed {init} with " + ", ".join(f"{k}={v!r}" for k, v in changes.items()))
+        log(format_report(report))
+        return model
     except TrainError:
         raise
     except (ValueError, FileNotFoundError, RuntimeError) as e:
         raise TrainError(f"could not build the model for init_from={init!r}: {e}") from e
 
 
-def flops_per_token(model: GPT, seq_len: int) -> float:
-    """Training FLOPs per token: 2 per multiply-add forward, 4 backward (nanoGPT's 6N + 12LdT),
-    Kronecker and low-rank layers counted by the multiply-adds they really run."""
-    return 6.0 * model.macs_per_token(seq_len)
-
-
-def peak_flops(cfg: dict, device: torch.device) -> float | None:
-    if cfg["peak_flops"] > 0:
-        return cfg["peak_flops"]
-    if device.type != "cuda":
+def load_teacher(cfg: TrainConfig, student: GPT, device: torch.device, log) -> GPT | None:
+    """The frozen teacher of distillation, or None."""
+    if not cfg.distill_from:
         return None
-    name = torch.cuda.get_device_name(device)
-    return next((v for k, v in PEAK_FLOPS.items() if k in name), 312e12)
+    try:
+        teacher = GPT.load(cfg.distill_from)
+    except (ValueError, FileNotFoundError, RuntimeError) as e:
+        raise TrainError(f"could not load the teacher distill_from={cfg.distill_from!r}: {e}") from e
+    t, s = teacher.config, student.config
+    if t.vocab_size != s.vocab_size:
+        raise ConfigError(f"distillation needs one vocabulary: the teacher {cfg.distill_from} has {t.vocab_size} "
+                          f"tokens, the student {s.vocab_size}")
+    if cfg.distill_hidden > 0 and (t.n_layer, t.n_embd) != (s.n_layer, s.n_embd):
+        raise ConfigError(f"distill_hidden compares the hidden states block by block: the teacher has {t.n_layer} "
+                          f"layers of width {t.n_embd}, the student {s.n_layer} of width {s.n_embd}; "
+                          "use distill_hidden=0")
+    teacher.to(device).eval().requires_grad_(False)
+    log(f"distilling from {cfg.distill_from} ({teacher.num_params():,} parameters): alpha {cfg.distill_alpha}, "
+        f"temperature {cfg.distill_temperature}, hidden {cfg.distill_hidden}")
+    return teacher
 
 
-def configure_optimizer(model: GPT, cfg: dict, device: torch.device) -> torch.optim.AdamW:
+def configure_optimizer(model: GPT, cfg: TrainConfig, device: torch.device) -> torch.optim.AdamW:
     """AdamW; weight decay on 2-D weights (and Kronecker factors unless decay_factors=False),
     none on biases, LayerNorms and Kronecker scalars."""
     factors = {id(p) for m in model.modules() if isinstance(m, KronLinear) for p in (m.A, m.B)}
@@ -260,354 +138,562 @@ def configure_optimizer(model: GPT, cfg: dict, device: torch.device) -> torch.op
         if not p.requires_grad:
             continue
         if id(p) in factors:
-            (decay if cfg["decay_factors"] else no_decay).append(p)
+            (decay if cfg.decay_factors else no_decay).append(p)
         else:
             (decay if p.dim() >= 2 else no_decay).append(p)
-    groups = [{"params": decay, "weight_decay": cfg["weight_decay"]}, {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=cfg["learning_rate"], betas=(cfg["beta1"], cfg["beta2"]),
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=cfg.learning_rate, betas=(cfg.beta1, cfg.beta2),
                              fused=device.type == "cuda")
 
 
-def get_lr(it: int, cfg: dict) -> float:
+def get_lr(it: int, cfg: TrainConfig) -> float:
     """Linear warm-up over warmup_iters, then cosine from learning_rate to min_lr at lr_decay_iters."""
-    if not cfg["decay_lr"]:
-        return cfg["learning_rate"]
-    decay_iters = cfg["lr_decay_iters"] or cfg["max_iters"]
-    if it < cfg["warmup_iters"]:
-        return cfg["learning_rate"] * (it + 1) / (cfg["warmup_iters"] + 1)
+    if not cfg.decay_lr:
+        return cfg.learning_rate
+    decay_iters = cfg.lr_decay_iters or cfg.max_iters
+    if it < cfg.warmup_iters:
+        return cfg.learning_rate * (it + 1) / (cfg.warmup_iters + 1)
     if it >= decay_iters:
-        return cfg["min_lr"]
-    ratio = (it - cfg["warmup_iters"]) / max(1, decay_iters - cfg["warmup_iters"])
-    return cfg["min_lr"] + 0.5 * (1.0 + math.cos(math.pi * ratio)) * (cfg["learning_rate"] - cfg["min_lr"])
+        return cfg.min_lr
+    ratio = (it - cfg.warmup_iters) / max(1, decay_iters - cfg.warmup_iters)
+    return cfg.min_lr + 0.5 * (1.0 + math.cos(math.pi * ratio)) * (cfg.learning_rate - cfg.min_lr)
+
+
+def flops_per_token(model: GPT, seq_len: int) -> float:
+    """Training FLOPs per token: 2 per multiply-add forward, 4 backward (nanoGPT's 6N + 12LdT),
+    Kronecker and low-rank layers counted by the multiply-adds they really run."""
+    return 6.0 * model.macs_per_token(seq_len)
+
+
+def peak_flops(cfg: TrainConfig, device: torch.device) -> float | None:
+    if cfg.peak_flops > 0:
+        return cfg.peak_flops
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((v for k, v in PEAK_FLOPS.items() if k in name), 312e12)
 
 
 # -----------------------------------------------------------------------------
-# Devices, DDP
+# Distillation losses
 
-def pick_device(name: str, local_rank: int | None) -> torch.device:
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    device = torch.device(name)
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise ConfigError("device='cuda' but torch sees no CUDA GPU; use device='cpu' or 'auto'")
-        if local_rank is not None:
-            device = torch.device("cuda", local_rank)
-        elif device.index is None:
-            device = torch.device("cuda", torch.cuda.current_device())
-        torch.cuda.set_device(device)
-    return device
+class ChunkedKL(torch.autograd.Function):
+    """T^2 * KL(p_teacher || p_student) at temperature T, averaged over N positions, where the
+    teacher's logits are its final hidden states (N, d) times its output matrix (V, d).
+
+    Both softmaxes over the vocabulary are taken `chunk` positions at a time and the teacher's
+    logits are recomputed per chunk, forward and backward: no (N, V) tensor of the teacher's, or
+    of either softmax, ever exists. What stays is the gradient for the student's logits
+    (T (p_s - p_t) / N per chunk), one tensor the size of the logits, as plain training has."""
+
+    @staticmethod
+    def forward(ctx, logits: torch.Tensor, t_hidden: torch.Tensor, t_head: torch.Tensor, T: float,
+                chunk: int) -> torch.Tensor:
+        N = logits.shape[0]
+        total = torch.zeros((), dtype=torch.float32, device=logits.device)
+        for s in range(0, N, chunk):
+            log_ps, log_pt = ChunkedKL.log_probs(logits, t_hidden, t_head, T, s, chunk)
+            total += (log_pt.exp() * (log_pt - log_ps)).sum()
+        ctx.save_for_backward(logits, t_hidden, t_head)
+        ctx.T, ctx.chunk = T, chunk
+        return total * (T * T / N)
+
+    @staticmethod
+    def log_probs(logits, t_hidden, t_head, T, s, chunk):
+        """log-softmaxes (float32) of student and teacher at temperature T, positions s..s+chunk."""
+        t_logits = t_hidden[s:s + chunk] @ t_head.t()                       # (chunk, V)
+        return (F.log_softmax(logits[s:s + chunk].float() / T, dim=-1),
+                F.log_softmax(t_logits.float() / T, dim=-1))
+
+    @staticmethod
+    def backward(ctx, grad_out: torch.Tensor):
+        logits, t_hidden, t_head = ctx.saved_tensors
+        T, chunk, N = ctx.T, ctx.chunk, logits.shape[0]
+        grad = torch.empty_like(logits)
+        scale = grad_out * (T / N)                  # d(T^2 KL / N) / d logits = T (p_s - p_t) / N
+        for s in range(0, N, chunk):
+            log_ps, log_pt = ChunkedKL.log_probs(logits, t_hidden, t_head, T, s, chunk)
+            grad[s:s + chunk] = ((log_ps.exp() - log_pt.exp()) * scale).to(grad.dtype)
+        return grad, None, None, None, None
 
 
-def pick_dtype(name: str, device: torch.device, log) -> str:
-    if name not in ("bfloat16", "float16", "float32"):
-        raise ConfigError(f"dtype={name!r}; choose bfloat16, float16 or float32")
-    if device.type != "cuda" and name != "float32":
-        log(f"note: dtype={name} is for CUDA; running float32 on {device.type}")
-        return "float32"
-    if name == "bfloat16" and not torch.cuda.is_bf16_supported():
-        log("note: this GPU has no bfloat16; using float16 with a GradScaler")
-        return "float16"
-    return name
+def distill_kl(logits: torch.Tensor, teacher: GPT, t_last: torch.Tensor, T: float, chunk: int) -> torch.Tensor:
+    """The soft-target term for student logits (B, L, V) and the teacher's last hidden state (B, L, d)."""
+    t_final = teacher.transformer.ln_f(t_last)
+    V = logits.size(-1)
+    return ChunkedKL.apply(logits.reshape(-1, V), t_final.reshape(-1, t_final.size(-1)).to(logits.dtype),
+                           teacher.lm_head.weight.to(logits.dtype), T, chunk)
 
 
-def download(url: str, path: str, log) -> str:
-    """Fetch url to path (atomically) unless it is there already; a clear error when offline."""
-    if not os.path.isfile(path):
-        import urllib.request
-        log(f"downloading {url} -> {path}")
-        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+def hidden_mse(student: list[torch.Tensor], teacher: list[torch.Tensor]) -> torch.Tensor:
+    """Mean over blocks of the mean squared error between the hidden states after each block."""
+    return torch.stack([F.mse_loss(s.float(), t.float()) for s, t in zip(student, teacher)]).mean()
+
+
+# -----------------------------------------------------------------------------
+# The run
+
+@dataclass
+class Distributed:
+    """This process's place in a torchrun job; one process alone is rank 0 of 1."""
+    ddp: bool = False
+    rank: int = 0
+    local_rank: Optional[int] = None
+    world: int = 1
+
+    @classmethod
+    def from_env(cls) -> "Distributed":
+        if int(os.environ.get("RANK", -1)) == -1:
+            return cls()
+        return cls(True, int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"]), int(os.environ["WORLD_SIZE"]))
+
+    @property
+    def master(self) -> bool:
+        return self.rank == 0
+
+    def barrier(self) -> None:
+        if self.ddp:
+            torch.distributed.barrier()
+
+    def mean(self, t: torch.Tensor) -> torch.Tensor:
+        if self.ddp:
+            torch.distributed.all_reduce(t)
+            t /= self.world
+        return t
+
+
+class Trainer:
+    """One training run: setup, restore (or start), then the loop with evaluation and checkpoints."""
+
+    def __init__(self, cfg: TrainConfig, dist: Distributed):
+        self.cfg, self.dist = cfg, dist
+        self.log = print if dist.master else (lambda *a, **k: None)
+        self.ckpt_last = os.path.join(cfg.out_dir, "ckpt_last.pt")
+        self.ckpt_best = os.path.join(cfg.out_dir, "ckpt_best.pt")
+        self.iter_num, self.best_val_loss, self.train_seconds = 0, float("inf"), 0.0
+        self.history: list[dict] = []                   # every evaluation: iter, tokens, train, val, seconds
+        self.result = {"losses": [], "iters": [], "evals": []}
+
+    # ---------------------------------------------------------------- setup
+
+    def setup(self) -> dict | None:
+        """Device, data, model, optimizer, teacher. Returns the checkpoint to resume from (or None)."""
+        cfg, dist = self.cfg, self.dist
+        if cfg.gradient_accumulation_steps % dist.world:
+            raise ConfigError(
+                f"gradient_accumulation_steps={cfg.gradient_accumulation_steps} must be divisible by the {dist.world} "
+                f"processes; keep the sequences per step ({cfg.gradient_accumulation_steps * cfg.batch_size}) with e.g. "
+                f"--gradient_accumulation_steps={dist.world} "
+                f"--batch_size={max(1, cfg.gradient_accumulation_steps * cfg.batch_size // dist.world)}")
+        self.accum = cfg.gradient_accumulation_steps // dist.world        # micro-steps of this process
         try:
-            urllib.request.urlretrieve(url, path + ".tmp")
-        except OSError as e:
-            raise TrainError(f"could not download {url} ({e}); put the file at {path} yourself, "
-                             "or set data_prepare's dataset to a local text file") from e
-        os.replace(path + ".tmp", path)
-    return path
+            self.device = runtime.pick_device(cfg.device, dist.local_rank)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
+        self.dtype = runtime.pick_dtype(cfg.dtype, self.device, self.log)
+        self.stored = {**cfg.flat(), "dtype_used": runtime.dtype_name(self.dtype), "world_size": dist.world}
+        ckpt = self.claim_out_dir()
+        self.log("resolved config:\n" + "\n".join(f"  {k} = {v!r}" for k, v in self.stored.items()))
+        torch.manual_seed(cfg.seed + dist.rank)             # model init (scratch) and dropout
+        self.data_gen = torch.Generator().manual_seed(cfg.seed)   # batch sampling, the same on every rank
+        self.data = prepare_data(cfg, dist, self.log)
+        self.model = self.restore_model(ckpt) if ckpt else build_model(cfg, self.log)
+        if cfg.block_size > self.model.config.block_size:
+            raise ConfigError(f"block_size={cfg.block_size} is longer than the model's context "
+                              f"{self.model.config.block_size}")
+        try:
+            self.data.check_block_size(cfg.block_size)
+            self.data.check_vocab(self.model.config.vocab_size)
+        except ValueError as e:
+            raise TrainError(str(e)) from None
+        self.model.to(self.device)
+        m = self.model
+        self.log(f"model: {m.num_params():,} parameters ({m.num_params(include_wpe=False):,} without position "
+                 f"embeddings{', ' + format(m.num_params(include_head=False), ',') + ' without the untied output matrix' if m.config.untied_head else ''}), "
+                 f"mlp={m.config.mlp}, kron_shape={m.config.kron_shape}, kron_b_shape={m.config.kron_b_shape}")
+        self.teacher = load_teacher(cfg, self.model, self.device, self.log)
+        self.optimizer = configure_optimizer(self.model, cfg, self.device)
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.dtype == torch.float16)
+        self.ctx = runtime.autocast(self.device, self.dtype)
+        return ckpt
 
-
-def prepare_data(cfg: dict, master: bool, ddp: bool, log) -> TokenData:
-    """TokenData of data_dir; prepares it first (on rank 0) when data_prepare says how and it is missing."""
-    data_dir = cfg["data_dir"]
-    if cfg["data_prepare"] and not os.path.isfile(os.path.join(data_dir, "meta.json")):
-        if master:
-            import prepare_owt
-            kwargs = dict(cfg["data_prepare"])
-            url = kwargs.pop("url", None)                          # where to fetch a missing local source
-            source = kwargs.get("dataset", prepare_owt.OWT)
-            if not os.path.exists(source) and os.path.exists(os.path.join(REPO, source)):
-                kwargs["dataset"] = os.path.join(REPO, source)     # paths in configs are relative to the repo
-            elif not os.path.exists(source) and url:
-                kwargs["dataset"] = download(url, os.path.join(data_dir, os.path.basename(source)), log)
-            log(f"{data_dir} is not prepared yet; preparing it from {kwargs.get('dataset')}")
+    def claim_out_dir(self) -> dict | None:
+        """Lock out_dir for this run, clean what killed writes left, and decide: a fresh start (None)
+        or the checkpoint to resume from. Refuses to touch another run's checkpoints."""
+        cfg, dist = self.cfg, self.dist
+        if dist.master:
             try:
-                prepare_owt.prepare(out=data_dir, **kwargs)
-            except prepare_owt.PrepareError as e:
-                raise TrainError(str(e)) from e
-            except TypeError as e:                                # a wrong key in data_prepare
-                raise ConfigError(f"data_prepare={cfg['data_prepare']!r}: {e}") from e
-        if ddp:
-            torch.distributed.barrier()
-    return TokenData(data_dir)
+                self.lock = storage.RunLock(cfg.out_dir).acquire()
+            except storage.DirectoryLocked as e:
+                raise TrainError(str(e)) from None
+            removed = storage.clean_temp_files(cfg.out_dir)
+            if removed:
+                self.log(f"removed {len(removed)} temp file(s) a killed run left in {cfg.out_dir}")
+            if cfg.overwrite and cfg.init_from != "resume":
+                for path in (self.ckpt_last, self.ckpt_best, os.path.join(cfg.out_dir, "run.json")):
+                    if os.path.exists(path):
+                        os.remove(path)
+                        self.log(f"overwrite=True: removed {path}")
+        dist.barrier()
+        found = [p for p in (self.ckpt_last, self.ckpt_best) if os.path.isfile(p)]
+        if cfg.init_from == "resume":
+            if not os.path.isfile(self.ckpt_last):
+                raise TrainError(f"init_from='resume' but there is no {self.ckpt_last}; start the run with "
+                                 "another init_from")
+            ckpt = self.read_run_checkpoint()
+            diff = config_diff(ckpt["config"], self.stored)
+            fixed = {k: v for k, v in diff.items() if k in FIXED_ON_RESUME}
+            if fixed:
+                raise ConfigError(f"cannot resume {cfg.out_dir} with another model configuration or optimizer structure "
+                                  f"({format_diff(fixed)}): they are fixed for a run. Start a new run "
+                                  f"from its weights with --init_from={self.ckpt_last} and a new out_dir")
+            if diff:
+                self.log(f"resuming with changed settings: {format_diff(diff)}")
+            return ckpt
+        if not found:
+            return None
+        if not os.path.isfile(self.ckpt_last):
+            raise TrainError(f"{cfg.out_dir} holds {os.path.basename(found[0])} of another run; choose another "
+                             "out_dir, or --overwrite=True to replace it")
+        ckpt = self.read_run_checkpoint()
+        diff = config_diff(ckpt["config"], self.stored)
+        if not diff:
+            self.log(f"{cfg.out_dir} holds this run at iteration {ckpt['iter_num']}: resuming it "
+                     "(--overwrite=True starts over)")
+            return ckpt
+        old = ckpt["config"]
+        raise TrainError(
+            f"{cfg.out_dir} holds another run (init_from={old.get('init_from')!r}, iteration {ckpt['iter_num']} of "
+            f"{old.get('max_iters')}, best val loss {ckpt.get('best_val_loss', float('nan')):.4f}); its config differs: "
+            f"{format_diff(diff)}. To continue that run: --init_from=resume; to keep it: another --out_dir; "
+            "to replace it: --overwrite=True")
 
+    def read_run_checkpoint(self) -> dict:
+        try:
+            ckpt = load_checkpoint(self.ckpt_last)
+        except (ValueError, RuntimeError) as e:
+            raise TrainError(f"{e}. Move it away (or use --overwrite=True) to start over") from None
+        if "optimizer" not in ckpt or "iter_num" not in ckpt or "config" not in ckpt:
+            raise TrainError(f"{self.ckpt_last} holds weights only (no optimizer state or iteration), so it cannot be "
+                             f"resumed; start a new run from it with --init_from={self.ckpt_last} and another out_dir")
+        return ckpt
 
-# -----------------------------------------------------------------------------
-# Training
+    def restore_model(self, ckpt: dict) -> GPT:
+        """The model exactly as the run built it (its stored architecture, whatever the config says)."""
+        model = GPT(GPTConfig.from_dict(ckpt["model_config"]))
+        model.load_checkpoint_weights(ckpt, source=self.ckpt_last)
+        return model
 
-@torch.no_grad()
-def estimate_loss(model: nn.Module, data: TokenData, cfg: dict, ctx, device: torch.device) -> dict[str, float]:
-    """Mean loss over eval_iters batches of each split; the same batches at every evaluation
-    (their own generator), so evaluations compare like with like and never touch the training RNG."""
-    gen = torch.Generator().manual_seed(cfg["seed"] + 1)
-    model.eval()
-    out = {}
-    for split in ("train", "val"):
-        offsets = data.sample_offsets(split, cfg["block_size"], (cfg["eval_iters"], cfg["batch_size"]), gen)
-        total = torch.zeros((), device=device)
-        for k in range(cfg["eval_iters"]):
-            X, Y = data.batch(split, offsets[k], cfg["block_size"], device)
-            with ctx:
-                _, loss = model(X, Y)
-            total += loss.float()
-        out[split] = (total / cfg["eval_iters"]).item()
-    model.train()
-    return out
-
-
-def train(cfg: dict, explicit: set[str] | None = None) -> dict:
-    """Run training as `cfg` says (a dict of every key of DEFAULTS, e.g. from resolve_config).
-
-    Returns {"losses": train loss of each step run (global mean over processes),
-    "iters": their iteration numbers, "evals": [{"iter", "train", "val"}], "best_val_loss",
-    "iter_num", "model": the trained (unwrapped) model}."""
-    explicit = set(cfg) if explicit is None else explicit
-    ddp = int(os.environ.get("RANK", -1)) != -1
-    rank, local_rank, world = 0, None, 1
-    if ddp:
-        rank, local_rank, world = int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"]), int(os.environ["WORLD_SIZE"])
-    master = rank == 0
-    log = print if master else (lambda *a, **k: None)
-    device = pick_device(cfg["device"], local_rank)
-    if ddp:
-        torch.distributed.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
-    try:
-        result = _train(cfg, explicit, device, ddp, rank, world, master, log)
-        if ddp:
-            # free the DDP wrapper now, while the interpreter is whole: its reducer holds gloo work
-            # objects with tensors, whose destruction at interpreter exit aborted a rank (SIGABRT,
-            # "terminate called without an active exception", in 3 of 12 full test runs); then
-            # wait for every rank (rank 0 may still be writing its checkpoint) before the teardown
-            gc.collect()
-            torch.distributed.barrier()
-        return result
-    finally:
-        if ddp:
-            torch.distributed.destroy_process_group()
-
-
-def _train(cfg, explicit, device, ddp, rank, world, master, log) -> dict:
-    accum_total, B, T = cfg["gradient_accumulation_steps"], cfg["batch_size"], cfg["block_size"]
-    if accum_total % world:
-        raise ConfigError(
-            f"gradient_accumulation_steps={accum_total} must be divisible by the {world} processes; keep the "
-            f"sequences per step ({accum_total * B}) with e.g. --gradient_accumulation_steps={world} "
-            f"--batch_size={max(1, accum_total * B // world)}")
-    accum = accum_total // world                 # micro-steps of this process
-    dtype = pick_dtype(cfg["dtype"], device, log)
-    cfg = {**cfg, "dtype_used": dtype, "world_size": world}
-    log("resolved config:\n" + "\n".join(f"  {k} = {v!r}" for k, v in cfg.items()))
-    if master:
-        os.makedirs(cfg["out_dir"], exist_ok=True)
-    torch.manual_seed(cfg["seed"] + rank)        # model init (scratch) and dropout
-    data_gen = torch.Generator().manual_seed(cfg["seed"])   # batch sampling, the same on every rank
-
-    data = prepare_data(cfg, master, ddp, log)
-    data.check_block_size(T)
-    raw_model, ckpt = build_model(cfg, explicit, log)
-    if T > raw_model.config.block_size:
-        raise ConfigError(f"block_size={T} is longer than the model's context {raw_model.config.block_size}")
-    raw_model.to(device)
-    log(f"model: {raw_model.num_params():,} parameters ({raw_model.num_params(include_wpe=False):,} without "
-        f"position embeddings), mlp={raw_model.config.mlp}, kron_shape={raw_model.config.kron_shape}")
-
-    optimizer = configure_optimizer(raw_model, cfg, device)
-    scaler = torch.amp.GradScaler(device.type, enabled=dtype == "float16")
-    iter_num, best_val_loss = 0, float("inf")
-    if cfg["init_from"] == "resume":
-        optimizer.load_state_dict(ckpt["optimizer"])
+    def restore(self, ckpt: dict) -> None:
+        """Optimizer, scaler, iteration, best loss, history and RNGs of a saved run."""
+        cfg = self.cfg
+        try:
+            self.optimizer.load_state_dict(ckpt["optimizer"])
+        except (ValueError, KeyError) as e:
+            raise TrainError(f"the optimizer state of {self.ckpt_last} does not fit this run ({e}); start a new "
+                             f"run from its weights with --init_from={self.ckpt_last}") from None
+        for group, wd in zip(self.optimizer.param_groups, (cfg.weight_decay, 0.0)):   # settings may change
+            group.update(betas=(cfg.beta1, cfg.beta2), weight_decay=wd)
         if ckpt.get("scaler"):
-            scaler.load_state_dict(ckpt["scaler"])
-        iter_num, best_val_loss = ckpt["iter_num"], ckpt["best_val_loss"]
-        data_gen.set_state(ckpt["data_rng"])
-        if world == 1 and "torch_rng" in ckpt:
+            self.scaler.load_state_dict(ckpt["scaler"])
+        self.iter_num, self.best_val_loss = ckpt["iter_num"], ckpt["best_val_loss"]
+        self.history, self.train_seconds = list(ckpt.get("history", [])), ckpt.get("train_seconds", 0.0)
+        self.data_gen.set_state(ckpt["data_rng"])
+        if self.dist.world == 1 and "torch_rng" in ckpt:
             torch.set_rng_state(ckpt["torch_rng"])
-            if device.type == "cuda" and ckpt.get("cuda_rng") is not None:
+            if self.device.type == "cuda" and ckpt.get("cuda_rng") is not None:
                 torch.cuda.set_rng_state(ckpt["cuda_rng"])
         else:
-            torch.manual_seed(cfg["seed"] + rank + iter_num)
-        log(f"resuming at iteration {iter_num}, best val loss {best_val_loss:.4f}")
-    del ckpt
+            torch.manual_seed(cfg.seed + self.dist.rank + self.iter_num)
+        self.log(f"resuming at iteration {self.iter_num}, best val loss {self.best_val_loss:.4f}")
 
-    model = raw_model
-    if cfg["compile"]:
-        log("compiling the model (torch.compile)...")
-        model = torch.compile(model)
-    if ddp:
-        from torch.nn.parallel import DistributedDataParallel as DDP
-        model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
-    ctx = nullcontext() if dtype == "float32" else torch.autocast(device.type, dtype=getattr(torch, dtype))
+    # ------------------------------------------------------- evaluation, checkpoints
 
-    wandb_run = None
-    if cfg["wandb_log"] and master:
-        import wandb
-        wandb_run = wandb.init(project=cfg["wandb_project"], name=cfg["wandb_run_name"] or None,
-                               config=cfg, dir=cfg["out_dir"], mode=cfg["wandb_mode"] or None)
-
-    tokens_per_iter = accum_total * B * T
-    flops_tok, peak = flops_per_token(raw_model, T), peak_flops(cfg, device)
-    log(f"tokens per iteration: {tokens_per_iter:,} ({accum_total} micro-steps x {B} x {T}, {world} process(es)); "
-        f"{flops_tok / 1e9:.3f} GFLOPs per token")
-
-    def save(evals: dict, improved: bool, rng_state: torch.Tensor) -> None:
-        extra = dict(optimizer=optimizer.state_dict(), scaler=scaler.state_dict(), iter_num=iter_num,
-                     best_val_loss=best_val_loss, val_loss=evals["val"], train_loss=evals["train"],
-                     config=cfg, data_rng=rng_state, torch_rng=torch.get_rng_state(),
-                     cuda_rng=torch.cuda.get_rng_state(device) if device.type == "cuda" else None)
-        last = os.path.join(cfg["out_dir"], "ckpt_last.pt")
-        best = os.path.join(cfg["out_dir"], "ckpt_best.pt")
-        if cfg["always_save_checkpoint"] or improved:
-            raw_model.save_checkpoint(last, **extra)
-            log(f"saved {last}")
-        if improved:
-            tmp = best + ".tmp"
-            shutil.copyfile(last, tmp)
-            os.replace(tmp, best)                              # atomic, like save_checkpoint
-            log(f"saved {best} (val loss {best_val_loss:.4f})")
-
-    def flush(pending: list[torch.Tensor]) -> list[float]:
-        """The pending step losses as floats (one host sync), averaged over processes; stop on NaN/inf."""
-        vals = torch.stack(pending).float()
-        if ddp:
-            torch.distributed.all_reduce(vals)
-            vals /= world
-        out = vals.tolist()
-        pending.clear()
-        for i, v in enumerate(out):
-            if not math.isfinite(v):
-                raise TrainingDiverged(
-                    f"the training loss became {v} at iteration {iter_num - len(out) + i + 1}; stopping. "
-                    f"The last good checkpoints in {cfg['out_dir']} are kept (this state is not saved). "
-                    f"Lower learning_rate (now {cfg['learning_rate']:g}), check grad_clip, or use dtype=bfloat16 "
-                    "instead of float16, then resume with init_from='resume'.")
+    @torch.no_grad()
+    def estimate_loss(self) -> dict[str, float]:
+        """Mean loss over eval_iters batches of each split; the same batches at every evaluation
+        (their own generator), so evaluations compare like with like and never touch the training RNG."""
+        cfg = self.cfg
+        gen = torch.Generator().manual_seed(cfg.seed + 1)
+        self.model_run.eval()
+        out = {}
+        for split in ("train", "val"):
+            offsets = self.data.sample_offsets(split, cfg.block_size, (cfg.eval_iters, cfg.batch_size), gen)
+            total = torch.zeros((), device=self.device)
+            for k in range(cfg.eval_iters):
+                X, Y = self.data.batch(split, offsets[k], cfg.block_size, self.device)
+                with self.ctx:
+                    _, loss = self.model_run(X, Y)
+                total += loss.float()
+            out[split] = (total / cfg.eval_iters).item()
+        self.model_run.train()
         return out
 
-    result = {"losses": [], "iters": [], "evals": [], "best_val_loss": best_val_loss}
-
-    def draw_offsets() -> torch.Tensor:
-        # the whole step's batch is drawn on every rank; each rank takes its own micro-steps
-        offs = data.sample_offsets("train", T, (accum_total, B), data_gen)      # (accum_total, B)
-        return offs[rank * accum:(rank + 1) * accum]                            # (accum, B)
-
-    def evaluate() -> dict[str, float]:
-        losses = estimate_loss(model, data, cfg, ctx, device)
+    def evaluate(self) -> dict[str, float] | None:
+        if self.cfg.eval_iters == 0:
+            return None
+        losses = self.estimate_loss()
         if not all(math.isfinite(v) for v in losses.values()):
             raise TrainingDiverged(
                 f"the evaluation loss became {losses['val']} (val) / {losses['train']} (train) at iteration "
-                f"{iter_num}; stopping without saving. The last good checkpoints in {cfg['out_dir']} are kept. "
-                f"Lower learning_rate (now {cfg['learning_rate']:g}) and resume with init_from='resume'.")
-        log(f"eval iter {iter_num}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}")
-        result["evals"].append({"iter": iter_num, **losses})
-        if wandb_run:
-            wandb_run.log({"iter": iter_num, "train/eval_loss": losses["train"], "val/loss": losses["val"]})
+                f"{self.iter_num}; stopping without saving. The last good checkpoints in {self.cfg.out_dir} are kept. "
+                f"Lower learning_rate (now {self.cfg.learning_rate:g}) and resume with --init_from=resume.")
+        self.log(f"eval iter {self.iter_num}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}")
+        record = {"iter": self.iter_num, "tokens": self.iter_num * self.tokens_per_iter, **losses,
+                  "seconds": round(self.train_seconds, 3)}
+        if not self.history or self.history[-1]["iter"] != self.iter_num:
+            self.history.append(record)
+        self.result["evals"].append({"iter": self.iter_num, **losses})
+        if self.wandb_run:
+            self.wandb_run.log({"iter": self.iter_num, "train/eval_loss": losses["train"], "val/loss": losses["val"]})
         return losses
 
-    if cfg["eval_at_start"] and iter_num == 0 and cfg["eval_iters"] > 0:
-        evaluate()
-
-    rng_state = data_gen.get_state()             # the data RNG before drawing the next step's batch
-    offsets = draw_offsets()
-    X, Y = data.batch("train", offsets[0], T, device)
-    pending: list[torch.Tensor] = []
-    t_last, it_last = time.time(), iter_num
-    while iter_num < cfg["max_iters"]:
-        lr = get_lr(iter_num, cfg)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        loss_sum = torch.zeros((), device=device)
-        for micro in range(accum):
-            if ddp:  # all-reduce the gradients only after the last micro-step
-                model.require_backward_grad_sync = micro == accum - 1
-            with ctx:
-                _, loss = model(X, Y)
-                loss = loss / accum
-            # prefetch the next micro-batch while the device works on this one
-            if micro + 1 < accum:
-                X, Y = data.batch("train", offsets[micro + 1], T, device)
+    def save(self, losses: dict | None, improved: bool, rng_state: torch.Tensor) -> None:
+        """ckpt_best.pt first (when the val loss improved), then ckpt_last.pt: the best checkpoint is
+        never older than the run believes, whenever a kill comes."""
+        extra = dict(optimizer=self.optimizer.state_dict(), scaler=self.scaler.state_dict(), iter_num=self.iter_num,
+                     best_val_loss=self.best_val_loss, val_loss=losses["val"] if losses else None,
+                     train_loss=losses["train"] if losses else None, config=self.stored, data_rng=rng_state,
+                     torch_rng=torch.get_rng_state(), history=self.history, train_seconds=self.train_seconds,
+                     cuda_rng=torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None)
+        if improved:
+            self.model.save_checkpoint(self.ckpt_best, **extra)
+            self.log(f"saved {self.ckpt_best} (val loss {self.best_val_loss:.4f})")
+        if improved or self.cfg.always_save_checkpoint:
+            if improved:
+                storage.atomic_copy(self.ckpt_best, self.ckpt_last)
             else:
-                rng_state = data_gen.get_state()
-                offsets = draw_offsets()
-                X, Y = data.batch("train", offsets[0], T, device)
-            loss_sum += loss.detach().float()
-            scaler.scale(loss).backward()
-        if cfg["grad_clip"] > 0:
-            scaler.unscale_(optimizer)
-            torch.nn.utils.clip_grad_norm_(raw_model.parameters(), cfg["grad_clip"])
-        scaler.step(optimizer)
-        scaler.update()
-        optimizer.zero_grad(set_to_none=True)
-        iter_num += 1
-        pending.append(loss_sum)
+                self.model.save_checkpoint(self.ckpt_last, **extra)
+            self.log(f"saved {self.ckpt_last}")
 
-        is_eval = iter_num % cfg["eval_interval"] == 0 or iter_num == cfg["max_iters"]
-        if iter_num % cfg["log_interval"] == 0 or is_eval:
-            first = iter_num - len(pending) + 1
-            losses = flush(pending)                     # the only host sync of the training steps
-            result["losses"] += losses
-            result["iters"] += list(range(first, iter_num + 1))
-            now = time.time()
-            dt = (now - t_last) / max(1, iter_num - it_last)
-            t_last, it_last = now, iter_num
-            tok_s = tokens_per_iter / dt
-            mfu = f"{100 * flops_tok * tok_s / peak:.1f}%" if peak else "n/a"
-            log(f"iter {iter_num}: loss {losses[-1]:.4f}, lr {lr:.3e}, {dt * 1000:.0f} ms/step, "
-                f"{tok_s:,.0f} tok/s, MFU {mfu}")
-            if wandb_run:
-                wandb_run.log({"iter": iter_num, "train/loss": losses[-1], "lr": lr, "tok_per_s": tok_s,
-                               "step_ms": dt * 1000})
-        if is_eval and cfg["eval_iters"] > 0:
-            losses = evaluate()
-            improved = losses["val"] < best_val_loss
-            best_val_loss = min(best_val_loss, losses["val"])
-            if master:
-                save(losses, improved, rng_state)
-            t_last = time.time()                          # do not count evaluation as step time
-    if wandb_run:
-        wandb_run.finish()
-    result.update(best_val_loss=best_val_loss, iter_num=iter_num, model=raw_model)
-    return result
+    def flush(self, pending: list[torch.Tensor]) -> list[float]:
+        """The pending step losses as floats (one host sync), averaged over processes; stop on NaN/inf."""
+        values = self.dist.mean(torch.stack(pending).float()).tolist()
+        pending.clear()
+        for i, v in enumerate(values):
+            if not math.isfinite(v):
+                raise TrainingDiverged(
+                    f"the training loss became {v} at iteration {self.iter_num - len(values) + i + 1}; stopping. "
+                    f"The last good checkpoints in {self.cfg.out_dir} are kept (this state is not saved). "
+                    f"Lower learning_rate (now {self.cfg.learning_rate:g}), check grad_clip, or use dtype=bfloat16 "
+                    "instead of float16, then resume with --init_from=resume.")
+        return values
+
+    # ---------------------------------------------------------------- the loop
+
+    def loss(self, X: torch.Tensor, Y: torch.Tensor) -> torch.Tensor:
+        """The training objective of one micro-batch: cross-entropy, plus the distillation terms."""
+        cfg, teacher = self.cfg, self.teacher
+        distilling = teacher is not None and (cfg.distill_alpha > 0 or cfg.distill_hidden > 0)
+        if not distilling:
+            return self.model_run(X, Y)[1]
+        logits, ce, hidden = self.model_run(X, Y, return_hidden=True)
+        with torch.no_grad():
+            t_hidden = teacher.hidden_states(X, every_block=cfg.distill_hidden > 0)
+        loss = (1 - cfg.distill_alpha) * ce
+        if cfg.distill_alpha > 0:
+            loss = loss + cfg.distill_alpha * distill_kl(logits, teacher, t_hidden[-1], cfg.distill_temperature,
+                                                         cfg.distill_chunk)
+        if cfg.distill_hidden > 0:
+            loss = loss + cfg.distill_hidden * hidden_mse(hidden, t_hidden)
+        return loss
+
+    def draw_offsets(self) -> torch.Tensor:
+        # the whole step's batch is drawn on every rank; each rank takes its own micro-steps
+        cfg, rank = self.cfg, self.dist.rank
+        offs = self.data.sample_offsets("train", cfg.block_size, (cfg.gradient_accumulation_steps, cfg.batch_size),
+                                        self.data_gen)                               # (accum_total, B)
+        return offs[rank * self.accum:(rank + 1) * self.accum]                       # (accum, B)
+
+    def run(self) -> dict:
+        cfg, dist = self.cfg, self.dist
+        ckpt = self.setup()
+        if ckpt is not None:
+            self.restore(ckpt)
+            del ckpt
+        B, T = cfg.batch_size, cfg.block_size
+        self.tokens_per_iter = cfg.gradient_accumulation_steps * B * T
+        if self.iter_num >= cfg.max_iters and self.iter_num > 0:
+            self.log(f"the run in {cfg.out_dir} is finished (iteration {self.iter_num} of {cfg.max_iters}, best val loss "
+                     f"{self.best_val_loss:.4f}); nothing to do")
+            return self.finish()
+        self.model_run = self.model
+        if cfg.compile:
+            self.log("compiling the model (torch.compile)...")
+            self.model_run = torch.compile(self.model_run)
+        if dist.ddp:
+            from torch.nn.parallel import DistributedDataParallel as DDP
+            self.model_run = DDP(self.model_run, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+        self.wandb_run = None
+        if cfg.wandb_log and dist.master:
+            import wandb
+            self.wandb_run = wandb.init(project=cfg.wandb_project, name=cfg.wandb_run_name or None,
+                                        config=self.stored, dir=cfg.out_dir, mode=cfg.wandb_mode or None)
+        flops_tok, peak = flops_per_token(self.model, T), peak_flops(cfg, self.device)
+        self.log(f"tokens per iteration: {self.tokens_per_iter:,} ({cfg.gradient_accumulation_steps} micro-steps x {B} "
+                 f"x {T}, {dist.world} process(es)); {flops_tok / 1e9:.3f} GFLOPs per token")
+
+        if cfg.eval_at_start and self.iter_num == 0:
+            self.evaluate()
+        rng_state = self.data_gen.get_state()          # the data RNG before drawing the next step's batch
+        offsets = self.draw_offsets()
+        X, Y = self.data.batch("train", offsets[0], T, self.device)
+        pending: list[torch.Tensor] = []
+        t_last, it_last = time.time(), self.iter_num
+        while self.iter_num < cfg.max_iters:
+            t_step = time.time()
+            lr = get_lr(self.iter_num, cfg)
+            for group in self.optimizer.param_groups:
+                group["lr"] = lr
+            loss_sum = torch.zeros((), device=self.device)
+            for micro in range(self.accum):
+                if dist.ddp:  # all-reduce the gradients only after the last micro-step
+                    self.model_run.require_backward_grad_sync = micro == self.accum - 1
+                with self.ctx:
+                    loss = self.loss(X, Y) / self.accum
+                # prefetch the next micro-batch while the device works on this one
+                if micro + 1 < self.accum:
+                    X, Y = self.data.batch("train", offsets[micro + 1], T, self.device)
+                else:
+                    rng_state = self.data_gen.get_state()
+                    offsets = self.draw_offsets()
+                    X, Y = self.data.batch("train", offsets[0], T, self.device)
+                loss_sum += loss.detach().float()
+                self.scaler.scale(loss).backward()
+            if cfg.grad_clip > 0:
+                self.scaler.unscale_(self.optimizer)
+                torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+            self.optimizer.zero_grad(set_to_none=True)
+            self.iter_num += 1
+            pending.append(loss_sum)
+            self.train_seconds += time.time() - t_step
+
+            is_eval = self.iter_num % cfg.eval_interval == 0 or self.iter_num == cfg.max_iters
+            if self.iter_num % cfg.log_interval == 0 or is_eval:
+                first = self.iter_num - len(pending) + 1
+                losses = self.flush(pending)                    # the only host sync of the training steps
+                self.result["losses"] += losses
+                self.result["iters"] += list(range(first, self.iter_num + 1))
+                now = time.time()
+                dt = (now - t_last) / max(1, self.iter_num - it_last)
+                t_last, it_last = now, self.iter_num
+                tok_s = self.tokens_per_iter / dt
+                mfu = f"{100 * flops_tok * tok_s / peak:.1f}%" if peak else "n/a"
+                self.log(f"iter {self.iter_num}: loss {losses[-1]:.4f}, lr {lr:.3e}, {dt * 1000:.0f} ms/step, "
+                         f"{tok_s:,.0f} tok/s, MFU {mfu}")
+                if self.wandb_run:
+                    self.wandb_run.log({"iter": self.iter_num, "train/loss": losses[-1], "lr": lr,
+                                        "tok_per_s": tok_s, "step_ms": dt * 1000})
+            if is_eval:
+                losses = self.evaluate()
+                improved = losses is not None and losses["val"] < self.best_val_loss
+                if improved:
+                    self.best_val_loss = losses["val"]
+                if dist.master:
+                    self.save(losses, improved, rng_state)
+                t_last = time.time()                          # do not count evaluation as step time
+        if self.wandb_run:
+            self.wandb_run.finish()
+        return self.finish()
+
+    def finish(self) -> dict:
+        """The run's summary: returned, and written to out_dir/run.json (what study.py reads)."""
+        cfg, m = self.cfg, self.model
+        summary = {"out_dir": cfg.out_dir, "iter_num": self.iter_num, "max_iters": cfg.max_iters,
+                   "finished": self.iter_num >= cfg.max_iters, "best_val_loss": self.best_val_loss,
+                   "history": self.history, "tokens": self.iter_num * cfg.gradient_accumulation_steps
+                   * cfg.batch_size * cfg.block_size, "train_seconds": self.train_seconds,
+                   "num_params": m.num_params(), "num_params_no_wpe": m.num_params(include_wpe=False),
+                   "num_params_no_head": m.num_params(include_head=False), "config": self.stored}
+        summary["tokens_per_s"] = summary["tokens"] / self.train_seconds if self.train_seconds else None
+        if self.dist.master:
+            storage.write_json(summary, os.path.join(cfg.out_dir, "run.json"))
+        self.result.update(best_val_loss=self.best_val_loss, iter_num=self.iter_num, model=m, summary=summary)
+        return self.result
+
+
+def prepare_data(cfg: TrainConfig, dist: Distributed, log) -> data.TokenData:
+    """TokenData of data_dir; prepares it first (on rank 0) when data_prepare says how and it is missing."""
+    data_dir = cfg.data_dir
+    if cfg.data_prepare and not os.path.isfile(os.path.join(data_dir, "meta.json")):
+        if dist.master:
+            kwargs = dict(cfg.data_prepare)
+            url = kwargs.pop("url", None)                          # where to fetch a missing local source
+            source = kwargs.get("dataset", data.OWT)
+            if not os.path.exists(source) and os.path.exists(os.path.join(REPO, source)):
+                kwargs["dataset"] = os.path.join(REPO, source)     # paths in configs are relative to the repo
+            elif not os.path.exists(source) and url:
+                try:
+                    kwargs["dataset"] = data.download(url, os.path.join(data_dir, os.path.basename(source)), log)
+                except data.DataError as e:
+                    raise TrainError(str(e)) from None
+            log(f"{data_dir} is not prepared yet; preparing it from {kwargs.get('dataset')}")
+            try:
+                data.prepare(out=data_dir, **kwargs)
+            except data.DataError as e:
+                raise TrainError(str(e)) from e
+            except TypeError as e:                                # a wrong key in data_prepare
+                raise ConfigError(f"data_prepare={cfg.data_prepare!r}: {e}") from e
+        dist.barrier()
+    try:
+        return data.TokenData(data_dir)
+    except data.DataError as e:
+        raise TrainError(str(e)) from None
+
+
+def train(cfg: TrainConfig) -> dict:
+    """Run training as `cfg` says. Returns {"losses": train loss of each step run (global mean over
+    processes), "iters": their iteration numbers, "evals": [{"iter", "train", "val"}],
+    "best_val_loss", "iter_num", "model": the trained (unwrapped) model, "summary": run.json}."""
+    dist = Distributed.from_env()
+    if dist.ddp:
+        device = runtime.pick_device(cfg.device, dist.local_rank)
+        torch.distributed.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+    trainer = Trainer(cfg, dist)
+    try:
+        result = trainer.run()
+        if dist.ddp:
+            # free the DDP wrapper while the interpreter is whole (its reducer holds gloo work objects
+            # whose destruction at exit can abort a rank), then wait for every rank (rank 0 may still
+            # be writing its checkpoint) before the teardown
+            trainer.model_run = None
+            gc.collect()
+            dist.barrier()
+        return result
+    finally:
+        if getattr(trainer, "lock", None):
+            trainer.lock.release()
+        if dist.ddp:
+            torch.distributed.destroy_process_group()
 
 
 def main(argv: list[str] | None = None) -> dict:
     """`python train.py CONFIG [--key=value ...]` in-process; returns train()'s result."""
-    keys = "\n".join(f"  {k} = {v!r}" for k, v in DEFAULTS.items())
-    p = argparse.ArgumentParser(prog="train.py", allow_abbrev=False,
-                                formatter_class=argparse.RawDescriptionHelpFormatter,
-                                description=__doc__, epilog="keys and their defaults:\n" + keys)
+    width = max(map(len, TRAIN_KEYS))
+    helps = {f.name: f.metadata.get("help", "") for f in fields(TrainConfig)}
+    keys = "\n".join(f"  {k:<{width}} = {getattr(TrainConfig(), k)!r:<20} {helps[k]}" for k in TRAIN_KEYS)
+    model_keys = "\n".join(f"  {k:<{width}} = {MODEL_DEFAULTS[k]!r}" for k in MODEL_KEYS)
+    p = argparse.ArgumentParser(prog="train.py", allow_abbrev=False, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                description=__doc__, epilog=f"training keys and their defaults:\n{keys}\n\nmodel keys "
+                                f"(GPTConfig fields, see model.py; block_size is above):\n{model_keys}")
     p.add_argument("config", nargs="?", help="config file (Python assignments), e.g. configs/krony81m.py")
     p.add_argument("overrides", nargs="*", metavar="--key=value", help="override a config key")
     argv = list(sys.argv[1:] if argv is None else argv)
     if "-h" in argv or "--help" in argv:
         p.parse_args(["--help"])
     config = argv.pop(0) if argv and not argv[0].startswith("-") else None
-    overrides = argv                                   # each checked by parse_override
-    cfg, explicit = resolve_config(config, overrides)
-    return train(cfg, explicit)
+    return train(resolve_config(config, argv))
 
 
 if __name__ == "__main__":
     try:
         main(sys.argv[1:])
-    except (TrainError, FileNotFoundError) as e:
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except (TrainError, FileNotFoundError, storage.DiskFull) as e:
         sys.exit(f"error: {e}")
     except KeyboardInterrupt:
-        sys.exit("interrupted; the last checkpoint is intact (resume with --init_from=resume)")
+        sys.exit("interrupted; the checkpoints are intact: run the same command to resume")

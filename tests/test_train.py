@@ -11,6 +11,7 @@ import pytest
 import torch
 
 import data
+from data import TokenData
 import train
 from conftest import ROOT, make_tiny_hf
 from model import GPT, GPTConfig, load_checkpoint
@@ -26,7 +27,7 @@ def data_dir(tmp_path_factory):
     sentences = [rng.integers(0, VOCAB, size=rng.integers(5, 12)) for _ in range(8)]
     splits = {split: np.concatenate([sentences[i] for i in rng.integers(0, len(sentences), size=n)])
               for split, n in (("train", 600), ("val", 100))}
-    data.write_token_files(str(d), splits)      # bins + the meta.json TokenData checks them against
+    data.write_token_files(str(d), splits, vocab_size=VOCAB)    # bins + the meta.json TokenData checks
     return str(d)
 
 
@@ -150,10 +151,10 @@ EXPECTED_SIZES = {          # SPEC Table 1 (with position embeddings); 92M adds 
 
 @pytest.mark.parametrize("name", sorted(EXPECTED_SIZES))
 def test_paper_configs_resolve_to_their_sizes(name):
-    cfg, explicit = train.resolve_config(os.path.join(ROOT, "configs", name), [])
+    cfg = train.resolve_config(os.path.join(ROOT, "configs", name), []).flat()
     mc = {k: cfg[k] for k in train.MODEL_KEYS}
     with torch.device("meta"):
-        model = GPT(GPTConfig(**mc))
+        model = GPT(GPTConfig(**mc, block_size=cfg["block_size"]))
     assert model.num_params() == EXPECTED_SIZES[name]
     # the pre-training recipe of section 4.1: 120 sequences of 1024 tokens, cosine 6e-5 -> 6e-6
     assert cfg["batch_size"] * cfg["gradient_accumulation_steps"] == 120 and cfg["block_size"] == 1024
@@ -164,8 +165,8 @@ def test_paper_configs_resolve_to_their_sizes(name):
 
 
 def test_finetune_config_is_the_big_batch_phase():
-    cfg, _ = train.resolve_config(os.path.join(ROOT, "configs", "krony81m_finetune.py"), [])
-    pre, _ = train.resolve_config(os.path.join(ROOT, "configs", "krony81m.py"), [])
+    cfg = train.resolve_config(os.path.join(ROOT, "configs", "krony81m_finetune.py"), []).flat()
+    pre = train.resolve_config(os.path.join(ROOT, "configs", "krony81m.py"), []).flat()
     assert cfg["init_from"] == os.path.join(pre["out_dir"], "ckpt_best.pt")   # architecture from there
     assert cfg["batch_size"] * cfg["gradient_accumulation_steps"] == 320
     assert cfg["learning_rate"] == 6e-6 and cfg["decay_lr"] is False
@@ -173,7 +174,8 @@ def test_finetune_config_is_the_big_batch_phase():
 
 
 def test_every_config_file_resolves():
-    files = glob.glob(os.path.join(ROOT, "configs", "*.py"))
+    files = [f for f in glob.glob(os.path.join(ROOT, "configs", "*.py"))
+             if not os.path.basename(f).startswith("study_")]        # study files: tests/test_study.py
     assert len(files) >= 8
     for f in files:
         train.resolve_config(f, [])
@@ -182,8 +184,12 @@ def test_every_config_file_resolves():
 def test_config_file_and_overrides(tmp_path):
     f = tmp_path / "c.py"
     f.write_text("import math\nbatch_size = 3\n_helper = 7 * batch_size\nkron_shape = (64, 16)\n")
-    cfg, explicit = train.resolve_config(str(f), ["--batch_size=5", "--init_from=gpt2", "--decay_lr=False",
-                                                  "--learning_rate=1", "--kron_shape=(1536,384)"])
+    resolved = train.resolve_config(str(f), ["--batch_size=5", "--init_from=gpt2", "--decay_lr=False",
+                                             "--learning_rate=1", "--kron_shape=(1536,384)"])
+    cfg = resolved.flat()
+    # the keys set explicitly: training keys that left their default, and the model keys given
+    default = train.TrainConfig()
+    explicit = {k for k in train.TRAIN_KEYS if getattr(resolved, k) != getattr(default, k)} | set(resolved.model)
     assert cfg["batch_size"] == 5 and cfg["init_from"] == "gpt2" and cfg["decay_lr"] is False
     assert cfg["learning_rate"] == 1.0 and isinstance(cfg["learning_rate"], float)
     assert cfg["kron_shape"] == (1536, 384) and "_helper" not in cfg and "math" not in cfg
@@ -264,7 +270,7 @@ def test_quickstart_prepares_its_own_data(tmp_path, tiktoken_gpt2):
                       f"--out_dir={str(tmp_path / 'out')!r}", "--max_iters=3", "--eval_interval=3",
                       "--eval_iters=1", "--batch_size=2", "--eval_at_start=False"])
     assert res["iters"] == [1, 2, 3] and os.path.isfile(tmp_path / "out" / "ckpt_best.pt")
-    meta = train.TokenData(str(data)).meta
+    meta = TokenData(str(data)).meta
     assert meta["source"].endswith("tinyshakespeare.txt") and meta["train_tokens"] > 300_000
 
 
@@ -281,6 +287,6 @@ def test_missing_local_source_is_downloaded_from_its_url(tmp_path, tiktoken_gpt2
                       "--eval_at_start=False"])
     assert res["iters"] == [1, 2]
     assert (data / "copy.txt").read_text() == text
-    meta = train.TokenData(str(data)).meta
+    meta = TokenData(str(data)).meta
     assert meta["documents"] == len([p for p in text.split("\n\n") if p.strip()])  # 41 paragraphs
     assert meta["source"].endswith("copy.txt")
