@@ -40,7 +40,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from data import gpt2_encoding
+from data import DataError, TokenData, gpt2_encoding
 from kronecker import frozen_kron_weights
 from model import GPT, MODEL_KINDS_HELP, resolve_model
 from runtime import DEVICE_HELP, DTYPES, autocast, dtype_name, pick_device, pick_dtype
@@ -123,6 +123,23 @@ def read_data_file(path: str) -> list[str]:
                                  f"'text' field per line ({type(e).__name__}: {e})") from e
         return rows
     return [line + "\n" if line.strip() else "" for line in lines]
+
+
+def read_token_file(path: str) -> list[int]:
+    """The tokens of a prepared token file (a train.bin / val.bin of prepare_owt.py), checked
+    against the meta.json beside it: evaluated as they are, no tokenizer involved."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"--data-file {path}: no such file")
+    directory, name = os.path.split(os.path.abspath(path))
+    split = name[:-len(".bin")]
+    try:
+        tokens = TokenData(directory).splits[split]
+    except (DataError, KeyError) as e:
+        raise ValueError(f"--data-file {path}: a token file is train.bin or val.bin of a directory "
+                         f"prepare_owt.py wrote ({e})") from None
+    if len(tokens) < 2:
+        raise ValueError(f"--data-file {path} holds {len(tokens)} token(s): there is nothing to evaluate")
+    return tokens.tolist()
 
 
 def tokenize_joined(rows: list[str], enc) -> list[int]:
@@ -311,11 +328,15 @@ def load_model(spec: str, device: torch.device | str = "cpu") -> GPT:
     return GPT.load(spec).to(device).eval()
 
 
-def evaluate(model, model_name: str, dataset: str, rows: list[str], enc, protocol: str = "paper",
+def evaluate(model, model_name: str, dataset: str, rows: list[str] | list[int], enc, protocol: str = "paper",
              context: int | None = None, stride: int | None = None, batch_size: int = 8,
              device: str = "cpu", dtype: torch.dtype = torch.float32, limit_tokens: int | None = None) -> dict:
-    """One result record: perplexity (and LAMBADA accuracy) of one model on one dataset's rows."""
-    tokens = tokenize_joined(rows, enc)
+    """One result record: perplexity (and LAMBADA accuracy) of one model on one dataset's rows
+    (text rows, joined and tokenised; or the token ids of a token file, used as they are)."""
+    tokens = list(rows) if dataset.endswith(".bin") else tokenize_joined(rows, enc)
+    if tokens and max(tokens) >= model.config.vocab_size:
+        raise ValueError(f"{dataset} holds token id {max(tokens)}, beyond the vocabulary of {model_name} "
+                         f"({model.config.vocab_size}): it was tokenised for another model")
     if limit_tokens:
         tokens = tokens[:limit_tokens]
     res = perplexity(model, tokens, protocol, context, stride, batch_size, device, dtype,
@@ -362,7 +383,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "unless --data-file is given)")
     p.add_argument("--data-file", action="append", default=[],
                    help="local text file, one dataset row per line (WikiText's format), or .jsonl with a "
-                        "'text' field per row (LAMBADA's format; last-word accuracy is reported too); repeatable")
+                        "'text' field per row (LAMBADA's format; last-word accuracy is reported too), or a prepared "
+                        "token file (train.bin / val.bin of prepare_owt.py, scored as it is); repeatable")
     p.add_argument("--split", default=None, help="dataset split (default: test)")
     p.add_argument("--protocol", choices=PROTOCOLS, default="paper",
                    help="paper (default: the published numbers' protocol) or sliding")
@@ -413,8 +435,10 @@ def main(argv=None) -> list[dict]:
         check_writable(args.out)
     device = pick_device(args.device)
     dtype = eval_dtype(args.dtype, args.protocol, device, log=lambda m: print(m, file=sys.stderr))
-    enc = gpt2_encoding()
-    data = [(path, read_data_file(path)) for path in args.data_file]
+    text = [p for p in args.data_file if not p.endswith(".bin")] + args.datasets
+    enc = gpt2_encoding() if text else None             # token files need no tokenizer
+    data = [(path, read_token_file(path) if path.endswith(".bin") else read_data_file(path))
+            for path in args.data_file]
     data += [(d, load_rows(d, args.split)) for d in args.datasets]
     records = []
     for spec in args.model:

@@ -46,7 +46,7 @@ import math
 import os
 import sys
 import time
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 from typing import Optional
 
 import torch
@@ -59,7 +59,8 @@ import storage
 from config import (FIXED_ON_RESUME, MODEL_DEFAULTS, MODEL_KEYS, OWT_TOKENS, TRAIN_KEYS, ConfigError, TrainConfig,
                     TrainError, config_diff, format_diff, resolve_config)
 from kronecker import KronLinear
-from model import DIMENSIONS, GPT, GPTConfig, compress, format_report, load_checkpoint, resolve_model
+from model import (DIMENSIONS, GPT, GPTConfig, architecture, compress, format_report, load_checkpoint,
+                   resolve_model)
 
 REPO = os.path.dirname(os.path.abspath(__file__))
 PEAK_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40": 181e12, "A10": 125e12,
@@ -74,31 +75,33 @@ class TrainingDiverged(TrainError):
 # Model, teacher, optimizer
 
 def build_model(cfg: TrainConfig, log) -> GPT:
-    """The model a new run starts from, as init_from says (resume is handled by Trainer.restore)."""
+    """The model a new run starts from, as init_from says (resume is handled by Trainer.restore):
+    a new one, or a trained one (a Hugging Face GPT-2 or our checkpoint) compressed as the config's
+    model keys say where they differ from it (the paper's path: a dense teacher, compressed)."""
     init = cfg.init_from
     try:
         if init == "scratch":
             return GPT(GPTConfig(block_size=cfg.block_size, **cfg.model))
         found = resolve_model(init)
-        if found.kind == "checkpoint":
-            # weights only; the checkpoint's architecture, except what the config sets explicitly
-            # (a different shape then fails the check in load_checkpoint_weights)
+        if found.kind == "checkpoint":      # weights only: fresh optimizer, iteration 0
             ckpt = load_checkpoint(found.path)
-            mc = {**ckpt["model_config"], **cfg.model}
-            model = GPT(GPTConfig.from_dict(mc))
+            model = GPT(GPTConfig.from_dict(ckpt["model_config"]))
             model.load_checkpoint_weights(ckpt, source=found.path)
             log(f"loaded the weights of {found.path} (iteration {ckpt.get('iter_num', '?')})")
-            return model
-        # a Hugging Face GPT-2: load dense, then compress as the config says
-        ignored = sorted(k for k in DIMENSIONS if k in cfg.model)
-        if ignored:
-            log(f"note: init_from={init!r} fixes {', '.join(ignored)}; the config's values are ignored")
-        model = GPT.from_pretrained(init)
-        changes = {k: v for k, v in cfg.model.items() if k not in DIMENSIONS}
-        if changes.get("mlp", "dense") == "dense" and not changes.get("compress_targets"):
-            return model.rebuilt(**{k: v for k, v in changes.items() if k in ("dropout", "untied_head")})
-        model, report = compress(model, **changes)
-        log(f"compressed {init} with " + ", ".join(f"{k}={v!r}" for k, v in changes.items()))
+            changed = sorted(k for k in DIMENSIONS if k in cfg.model and cfg.model[k] != getattr(model.config, k))
+            if changed:
+                raise ConfigError(f"init_from={init!r} has another model configuration: " + ", ".join(
+                    f"{k}: checkpoint {getattr(model.config, k)!r} vs config {cfg.model[k]!r}" for k in changed))
+        else:                               # a Hugging Face GPT-2, dense
+            ignored = sorted(k for k in DIMENSIONS if k in cfg.model)
+            if ignored:
+                log(f"note: init_from={init!r} fixes {', '.join(ignored)}; the config's values are ignored")
+            model = GPT.from_pretrained(init)
+        target = replace(model.config, **{k: v for k, v in cfg.model.items() if k not in DIMENSIONS})
+        if architecture(target) == architecture(model.config):
+            return model.rebuilt(dropout=target.dropout) if target.dropout != model.config.dropout else model
+        model, report = compress(model, target)
+        log(f"compressed {init}: " + ", ".join(f"{k}={v!r}" for k, v in cfg.model.items() if k not in DIMENSIONS))
         log(format_report(report))
         return model
     except TrainError:

@@ -1,0 +1,456 @@
+"""
+A study: one teacher, one data directory, one training budget, and a grid of compression setups
+started from the teacher, each trained by train.py and evaluated by eval_ppl.py (the same code
+paths a user runs), compared in one table and one plot.
+
+    python study.py configs/study_mini.py                    # a 2-core laptop, offline, under an hour
+    python study.py configs/study_gpt2.py                    # the paper's grid, on a GPU
+    python study.py configs/study_mini.py --max_iters=20 --out_dir=out-study-smoke
+
+A study file is plain Python assignments:
+
+    teacher = "gpt2"          # hub name, HF directory, checkpoint or run directory; or a dict of train.py
+                              # keys with a "name", which the study trains first and then uses
+    data_dir = "data/openwebtext"
+    out_dir = "out-study"
+    eval_data_files = []      # extra text files (or token .bin files), scored with eval_ppl's protocol
+    eval_datasets = []        # hub datasets of eval_ppl.py (wikitext-103, wikitext-2, lambada, ...)
+    eval_protocol = "paper"   # or "sliding"
+    runs = [dict(name="vl-norm B2x2", mlp="kron", kron_b_shape=(2, 2), kron_init="vl-norm"),
+            dict(name="scratch B2x2", mlp="kron", kron_b_shape=(2, 2), init_from="scratch")]
+    max_iters = 2000          # every other assignment is a train.py key applied to every run
+
+A run without init_from starts from the teacher; "teacher" as the value of init_from or distill_from
+names it too. `--key=value` overrides a study key or a train.py key of every run.
+
+Output, in out_dir: one directory per run (its checkpoints, run.json, eval.json and train.log, the
+full log of its training), and
+  study.json  one record per run, the teacher first: name, keys, num_params (tied embedding once, with
+              position embeddings), val_loss_start (right after compression), val_loss (of the best
+              checkpoint, the one evaluated), curve ([tokens, val_loss] at every evaluation), eval
+              (eval_ppl.py's records), tokens, train_seconds, tokens_per_s, status
+  study.md    the same as a table, sorted by parameter count, the teacher first
+  study.png   validation loss against tokens for every run (the teacher a horizontal line), and
+              final perplexity against parameter count
+
+Resumable: a finished run is skipped, an interrupted one resumes from its checkpoint (train.py does
+that by itself with the same command), and a run whose keys changed since it ran is an error that
+names it. A failing run is reported and the others go on.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+
+import torch
+
+import storage
+from config import (BOOKKEEPING, ConfigError, TrainConfig, TrainError, config_diff, config_from, format_diff,
+                    load_config_file, parse_override, to_overrides)
+from model import GPT, GPTConfig, resolve_model
+
+REPO = os.path.dirname(os.path.abspath(__file__))
+STUDY_KEYS = {"teacher": None, "data_dir": "data/openwebtext", "out_dir": "out-study", "eval_data_files": [],
+              "eval_datasets": [], "eval_protocol": "paper", "runs": []}
+TEACHER = "teacher"            # the placeholder runs use for the study's teacher
+
+
+class StudyError(TrainError):
+    """A study file that cannot run; printed without a traceback."""
+
+
+# -----------------------------------------------------------------------------
+# The plan: every run resolved to the train.py config it will run with
+
+def slug(name: str) -> str:
+    return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-") or "run"
+
+
+def load_study(path: str, overrides: list[str]) -> tuple[dict, list[tuple[str, object, str]]]:
+    """The study keys, and the train.py keys every run gets (with where each was set)."""
+    values = load_config_file(path)
+    pairs = [(k, v, path) for k, v in values.items()] + [(*parse_override(a), "the command line") for a in overrides]
+    study, common = dict(STUDY_KEYS), []
+    for k, v, where in pairs:
+        if k in STUDY_KEYS and k not in ("data_dir", "out_dir"):
+            study[k] = v
+        else:
+            if k in ("data_dir", "out_dir"):
+                study[k] = v
+            if k != "out_dir":          # a run's out_dir is its own directory of the study
+                common.append((k, v, where))
+    if study["teacher"] is None:
+        raise StudyError(f"{path} sets no teacher (a model name or path, or a dict of train.py keys with a 'name')")
+    if not isinstance(study["runs"], (list, tuple)) or not study["runs"]:
+        raise StudyError(f"{path}: runs must be a non-empty list of dicts, each with a 'name' and train.py keys")
+    if study["eval_protocol"] not in ("paper", "sliding"):
+        raise StudyError(f"eval_protocol={study['eval_protocol']!r}; choose 'paper' or 'sliding'")
+    for k in ("eval_data_files", "eval_datasets"):
+        if not isinstance(study[k], (list, tuple)):
+            raise StudyError(f"{k}={study[k]!r} must be a list")
+    return study, common
+
+
+def plan_runs(study: dict, common: list, path: str) -> tuple[dict | None, list[dict]]:
+    """The teacher run (None for a given model) and every run: name, keys, directory, TrainConfig."""
+    out = study["out_dir"]
+    teacher = study["teacher"]
+    plans, names, dirs = [], set(), set()
+    entries = list(study["runs"])
+    teacher_plan = None
+    if isinstance(teacher, dict):
+        entries = [{"name": teacher.get("name", TEACHER), **teacher, "_teacher": True}] + entries
+    else:
+        try:
+            resolve_model(str(teacher))
+        except FileNotFoundError as e:
+            raise StudyError(f"teacher={teacher!r} cannot be loaded: {e}") from None
+    for run in entries:
+        if not isinstance(run, dict) or not isinstance(run.get("name"), str) or not run["name"]:
+            raise StudyError(f"{path}: every run is a dict with a 'name', got {run!r}")
+        name, is_teacher = run["name"], run.get("_teacher", False)
+        keys = {k: v for k, v in run.items() if k not in ("name", "_teacher")}
+        if name in names or slug(name) in dirs:
+            raise StudyError(f"{path}: the run name {name!r} is used twice (names must differ, also as directories)")
+        names.add(name)
+        dirs.add(slug(name))
+        run_dir = os.path.join(out, slug(name))
+        teacher_path = os.path.join(out, slug(teacher["name"] if isinstance(teacher, dict) else TEACHER)) \
+            if isinstance(teacher, dict) else str(teacher)
+        if not is_teacher:
+            keys.setdefault("init_from", TEACHER)
+            keys = {k: (teacher_path if k in ("init_from", "distill_from") and v == TEACHER else v)
+                    for k, v in keys.items()}
+        sources = common + [(k, v, f"run {name!r}") for k, v in keys.items()]
+        sources += [("out_dir", run_dir, "the study"), ("eval_at_start", True, "the study")]
+        try:
+            cfg = config_from(sources)
+        except ConfigError as e:
+            raise StudyError(f"run {name!r}: {e}") from None
+        plan = {"name": name, "keys": {k: v for k, v in run.items() if k not in ("name", "_teacher")},
+                "dir": run_dir, "cfg": cfg}
+        if is_teacher:
+            teacher_plan = plan
+        else:
+            plans.append(plan)
+    return teacher_plan, plans
+
+
+def changed_runs(plans: list[dict]) -> list[str]:
+    """Runs whose directory holds a run of other keys than the study now gives them."""
+    changed = []
+    for p in plans:
+        stored = stored_config(p["dir"])
+        if stored is not None:
+            diff = config_diff(stored, p["cfg"].flat(), skip=BOOKKEEPING)
+            if diff:
+                changed.append(f"{p['name']!r} ({p['dir']}): {format_diff(diff)}")
+    return changed
+
+
+def stored_config(run_dir: str) -> dict | None:
+    """The config a run directory was trained with: from run.json, else its last checkpoint."""
+    summary = read_json(os.path.join(run_dir, "run.json"))
+    if summary is not None:
+        return summary["config"]
+    last = os.path.join(run_dir, "ckpt_last.pt")
+    if os.path.isfile(last):
+        try:
+            return torch.load(last, map_location="cpu", weights_only=True, mmap=True).get("config")
+        except Exception:
+            return None         # unreadable: train.py reports it when the run is resumed
+    return None
+
+
+def read_json(path: str):
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return None
+
+
+def model_size(cfg: TrainConfig, teacher_config: GPTConfig | None) -> int | None:
+    """Parameters of the model a run trains (built on the meta device), for the plan."""
+    try:
+        base = teacher_config.to_dict() if teacher_config is not None and cfg.init_from != "scratch" else {}
+        fields = {**base, "block_size": base.get("block_size", cfg.block_size), **cfg.model}
+        with torch.device("meta"):
+            return GPT(GPTConfig.from_dict(fields)).num_params()
+    except (ValueError, TypeError):
+        return None
+
+
+# -----------------------------------------------------------------------------
+# Running train.py and eval_ppl.py
+
+def _die_with_parent() -> None:
+    """In the child: end when the study ends, however it ends (Linux), so a killed study leaves no
+    training process behind holding its run directory."""
+    try:
+        import ctypes
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)   # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+
+def run_logged(cmd: list[str], log_path: str, echo) -> int:
+    """Run cmd, its output appended to log_path; `echo` sees each line (progress). Returns the exit code."""
+    os.makedirs(os.path.dirname(log_path), exist_ok=True)
+    with open(log_path, "a") as log:
+        log.write(f"\n$ {' '.join(cmd)}\n")
+        log.flush()
+        proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                bufsize=1, preexec_fn=_die_with_parent if os.name == "posix" else None,
+                                env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        try:
+            for line in proc.stdout:
+                log.write(line)
+                echo(line.rstrip("\n"))
+        finally:
+            code = proc.wait()
+    return code
+
+
+def tail(path: str, n: int = 3) -> str:
+    try:
+        with open(path) as f:
+            lines = [l.strip() for l in f if l.strip()]
+        return " | ".join(lines[-n:])
+    except OSError:
+        return ""
+
+
+def train_run(plan: dict, index: str, echo) -> dict:
+    """Train one run unless it is finished; returns its run.json summary (or a failure)."""
+    summary = read_json(os.path.join(plan["dir"], "run.json"))
+    if summary and summary.get("finished") and not config_diff(summary["config"], plan["cfg"].flat()):
+        print(f"{index} {plan['name']}: finished earlier, skipped", flush=True)
+        return {"status": "ok", **summary}
+    log_path = os.path.join(plan["dir"], "train.log")
+    print(f"{index} {plan['name']}: training (log: {log_path})", flush=True)
+    t0 = time.time()
+    code = run_logged([sys.executable, os.path.join(REPO, "train.py"), *to_overrides(plan["cfg"])], log_path,
+                      lambda line: echo(f"{index} {line}") if line.startswith("eval iter") else None)
+    summary = read_json(os.path.join(plan["dir"], "run.json"))
+    if code != 0 or not summary or not summary.get("finished"):
+        return {"status": f"failed (exit {code}): {tail(log_path)}"}
+    print(f"{index} {plan['name']}: done in {time.time() - t0:.0f} s, best val loss {summary['best_val_loss']:.4f}",
+          flush=True)
+    return {"status": "ok", **summary}
+
+
+def evaluate(model: str, out_json: str, study: dict, device: str, log_path: str, stamp: str | None) -> list | None:
+    """eval_ppl.py's records for `model` on the study's evaluation sets (cached in out_json)."""
+    cached = read_json(out_json)
+    if isinstance(cached, dict) and cached.get("stamp") == stamp and stamp is not None:
+        return cached["records"]
+    files = [os.path.join(study["data_dir"], "val.bin"), *study["eval_data_files"]]
+    cmd = [sys.executable, os.path.join(REPO, "eval_ppl.py"), "--model", model, "--protocol", study["eval_protocol"],
+           "--device", device, "--out", out_json + ".records"]
+    for f in files:
+        cmd += ["--data-file", f]
+    cmd += ["--datasets", ",".join(study["eval_datasets"])]
+    code = run_logged(cmd, log_path, lambda line: None)
+    records = read_json(out_json + ".records")
+    if code != 0 or records is None:
+        return None
+    storage.write_json({"stamp": stamp, "records": records}, out_json)
+    os.remove(out_json + ".records")
+    return records
+
+
+def checkpoint_stamp(run_dir: str) -> str | None:
+    """What identifies the evaluated checkpoint (its size and time): a new one is evaluated again."""
+    path = os.path.join(run_dir, "ckpt_best.pt")
+    if not os.path.isfile(path):
+        return None
+    st = os.stat(path)
+    return f"{st.st_size}-{st.st_mtime_ns}"
+
+
+# -----------------------------------------------------------------------------
+# Records, table, plot
+
+def record(name: str, keys, summary: dict, evals: list | None, teacher: bool = False) -> dict:
+    history = summary.get("history") or []
+    curve = [[h["tokens"], h["val"]] for h in history]
+    best = summary.get("best_val_loss")
+    if best is None or not math.isfinite(best):            # no training step: the one evaluation
+        best = history[-1]["val"] if history else None
+    return {"name": name, "keys": keys, "status": summary.get("status", "ok"),
+            "num_params": summary.get("num_params"), "num_params_no_wpe": summary.get("num_params_no_wpe"),
+            "val_loss_start": best if teacher else (history[0]["val"] if history else None),
+            "val_loss": best, "curve": [] if teacher and not summary.get("iter_num") else curve,
+            "eval": evals or [], "tokens": summary.get("tokens", 0), "train_seconds": summary.get("train_seconds"),
+            "tokens_per_s": summary.get("tokens_per_s"), "dir": summary.get("out_dir")}
+
+
+def markdown(records: list[dict]) -> str:
+    sets = []
+    for r in records:
+        for e in r["eval"]:
+            if e["dataset"] not in sets:
+                sets.append(e["dataset"])
+    label = {s: os.path.basename(s) for s in sets}
+    head = (["run", "params", "val loss after compression", "final val loss"]
+            + [f"ppl {label[s]}" for s in sets] + ["tokens", "train time", "tokens/s", "status"])
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    fmt = lambda v, f: "" if v is None else format(v, f)
+    for r in records:
+        ppl = {e["dataset"]: e["ppl"] for e in r["eval"]}
+        cells = [r["name"], fmt(r["num_params"], ","), fmt(r["val_loss_start"], ".4f"), fmt(r["val_loss"], ".4f")]
+        cells += [fmt(ppl.get(s), ".2f") for s in sets]
+        cells += [fmt(r["tokens"], ","), "" if r["train_seconds"] is None else f"{r['train_seconds']:.0f} s",
+                  fmt(r["tokens_per_s"], ",.0f"), r["status"]]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def plot(records: list[dict], path: str, title: str) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(14, 5.5))
+    teacher, runs = records[0], [r for r in records[1:] if r["curve"]]
+    cmap = plt.get_cmap("tab20")
+    for i, r in enumerate(runs):
+        xs, ys = zip(*r["curve"])
+        ax1.plot(xs, ys, marker=".", label=r["name"], color=cmap(i % 20))
+    if teacher["val_loss"] is not None:
+        ax1.axhline(teacher["val_loss"], color="black", linestyle="--", label=f"teacher ({teacher['val_loss']:.3f})")
+    finite = [y for r in runs for _, y in r["curve"]] + ([teacher["val_loss"]] if teacher["val_loss"] else [])
+    if finite:       # the first evaluations (right after compression) can be far above the rest
+        lo = min(finite)
+        ends = [r["curve"][-1][1] for r in runs]
+        ax1.set_ylim(lo - 0.05 * (max(ends + [lo + 0.1]) - lo) - 0.02, max(ends + [lo]) + 0.75 * (max(ends + [lo]) - lo) + 0.3)
+    ax1.set_xlabel("tokens trained")
+    ax1.set_ylabel("validation loss")
+    ax1.set_title("validation loss during recovery")
+    ax1.legend(fontsize=7, loc="upper right")
+    ax1.grid(alpha=0.3)
+    main_set = next((e["dataset"] for r in records for e in r["eval"]), None)
+    for i, r in enumerate(records):
+        ppl = next((e["ppl"] for e in r["eval"] if e["dataset"] == main_set), None)
+        if ppl is None or r["num_params"] is None:
+            continue
+        color = "black" if i == 0 else cmap((i - 1) % 20)
+        ax2.scatter(r["num_params"] / 1e6, ppl, color=color, marker="*" if i == 0 else "o", s=90 if i == 0 else 40)
+        ax2.annotate(r["name"], (r["num_params"] / 1e6, ppl), xytext=(5, 3), textcoords="offset points", fontsize=7)
+    ax2.set_xlabel("parameters (millions; tied embedding once, with position embeddings)")
+    ax2.set_ylabel(f"perplexity on {os.path.basename(main_set) if main_set else '?'}")
+    ax2.set_title("final perplexity against size")
+    ax2.grid(alpha=0.3)
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+# -----------------------------------------------------------------------------
+
+def run_study(path: str, overrides: list[str]) -> list[dict]:
+    study, common = load_study(path, overrides)
+    teacher_plan, plans = plan_runs(study, common, path)
+    everything = ([teacher_plan] if teacher_plan else []) + plans
+    changed = changed_runs(everything)
+    if changed:
+        raise StudyError("these runs were made with other keys than the study now gives them: " + "; ".join(changed)
+                         + ". Delete their directories to redo them, or give the changed runs new names")
+    out = study["out_dir"]
+    os.makedirs(out, exist_ok=True)
+    with storage.RunLock(out):           # one study per directory
+        return _run(study, teacher_plan, plans, path)
+
+
+def _run(study: dict, teacher_plan: dict | None, plans: list[dict], path: str) -> list[dict]:
+    out, device = study["out_dir"], (teacher_plan or plans[0])["cfg"].device
+    n = len(plans) + 1
+    t_start = time.time()
+    echo = lambda line: print("    " + line, flush=True)
+    # 1. the teacher: trained here, or a given model measured on the study's data
+    if teacher_plan:
+        summary = train_run(teacher_plan, f"[1/{n}] teacher", echo)
+        teacher_dir = teacher_plan["dir"]
+        teacher_keys, teacher_model = teacher_plan["keys"], teacher_dir
+    else:
+        teacher_dir = os.path.join(out, TEACHER)
+        probe = dict(plans[0], name=TEACHER, dir=teacher_dir)
+        probe["cfg"] = config_from([(k, v, "teacher") for k, v in _teacher_probe(plans[0]["cfg"], study).items()])
+        summary = train_run(probe, f"[1/{n}] teacher {study['teacher']} (its validation loss)", echo)
+        teacher_keys, teacher_model = study["teacher"], str(study["teacher"])
+    if summary["status"] != "ok":
+        raise StudyError(f"the teacher failed, so no run can start from it: {summary['status']}")
+    evals = evaluate(teacher_model, os.path.join(teacher_dir, "eval.json"), study, device,
+                     os.path.join(teacher_dir, "eval.log"), checkpoint_stamp(teacher_dir) or str(teacher_model))
+    records = [record(TEACHER, teacher_keys, summary, evals, teacher=True)]
+    # 2. the runs
+    for i, plan in enumerate(plans, 2):
+        index = f"[{i}/{n}]"
+        summary = train_run(plan, f"{index} {plan['name']}", echo)
+        evals = None
+        if summary["status"] == "ok":
+            evals = evaluate(plan["dir"], os.path.join(plan["dir"], "eval.json"), study, device,
+                             os.path.join(plan["dir"], "eval.log"), checkpoint_stamp(plan["dir"]))
+            if evals is None:
+                summary["status"] = f"evaluation failed: {tail(os.path.join(plan['dir'], 'eval.log'))}"
+        else:
+            print(f"{index} {plan['name']}: {summary['status']}", flush=True)
+        records.append(record(plan["name"], plan["keys"], summary, evals))
+        write_outputs(records, study, path, time.time() - t_start)      # partial results as they come
+    write_outputs(records, study, path, time.time() - t_start)
+    failed = [r["name"] for r in records if r["status"] != "ok"]
+    print(f"study done in {(time.time() - t_start) / 60:.1f} min: {out}/study.md, study.json, study.png"
+          + (f"; failed: {', '.join(failed)}" if failed else ""), flush=True)
+    return records
+
+
+def _teacher_probe(cfg: TrainConfig, study: dict) -> dict:
+    """train.py keys that measure a given teacher on the study's data without training it."""
+    keys = {k: getattr(cfg, k) for k in ("data_dir", "data_prepare", "batch_size", "block_size", "eval_iters", "seed",
+                                          "device", "dtype")}
+    return {**keys, "init_from": str(study["teacher"]), "out_dir": os.path.join(study["out_dir"], TEACHER),
+            "max_iters": 0, "eval_at_start": True}
+
+
+def write_outputs(records: list[dict], study: dict, path: str, seconds: float) -> None:
+    out = study["out_dir"]
+    order = [records[0]] + sorted(records[1:], key=lambda r: (r["num_params"] or 0, r["name"]))
+    storage.write_json(records, os.path.join(out, "study.json"))
+    text = (f"# Study {os.path.basename(path)}\n\n" + markdown(order) + "\n\n"
+            f"val loss: train.py's estimate on val.bin (eval_iters batches); ppl: eval_ppl.py, "
+            f"{study['eval_protocol']} protocol, best checkpoint of each run. Wall time so far: {seconds / 60:.1f} min.\n")
+    storage.atomic_write(os.path.join(out, "study.md"), lambda f: f.write(text.encode()))
+    try:
+        plot(order, os.path.join(out, "study.png"), f"study {os.path.basename(path)}")
+    except ImportError:
+        print("note: no matplotlib, so no study.png (pip install matplotlib)", file=sys.stderr)
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
+    p = argparse.ArgumentParser(prog="study.py", description=__doc__.split("\n\n")[0].strip(),
+                                formatter_class=argparse.RawDescriptionHelpFormatter,
+                                epilog=__doc__.split("\n\n", 1)[1])
+    p.add_argument("config", help="study file (Python assignments), e.g. configs/study_mini.py")
+    p.add_argument("overrides", nargs="*", metavar="--key=value", help="override a study key or a train.py key")
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if "-h" in argv or "--help" in argv or not argv:
+        p.parse_args(argv or ["--help"])
+    return run_study(argv[0], argv[1:])
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except (TrainError, FileNotFoundError, storage.DirectoryLocked, storage.DiskFull) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        sys.exit("interrupted; finished runs are kept and the current one resumes: run the same command again")
