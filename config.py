@@ -16,7 +16,7 @@ import typing
 from dataclasses import MISSING, asdict, dataclass, field, fields
 from typing import Optional
 
-from model import GPTConfig, INIT_ONLY
+from model import DIMENSIONS, INIT_ONLY, GPTConfig, source_config
 
 OWT_TOKENS = 9.0e9                     # GPT-2 tokens in OpenWebText
 
@@ -120,7 +120,30 @@ class TrainConfig:
         if self.data_prepare is not None and not isinstance(self.data_prepare, dict):
             raise ConfigError(f"data_prepare={self.data_prepare!r} must be a dict of prepare_owt arguments")
         try:
-            GPTConfig(**{"block_size": self.block_size, **self.model})   # compression settings, shapes
+            self.model_config()
+        except FileNotFoundError:
+            pass                    # init_from may name a checkpoint a run has yet to write
+
+    def model_config(self, source: GPTConfig | None = None) -> GPTConfig | None:
+        """The GPTConfig this run trains, checked (compression settings, factor shapes against the
+        matrices): of a model from scratch, or of `source` (the model init_from names; read from its
+        files when it is local) with the config's model keys applied. None where that is not known
+        before loading (a hub model not downloaded yet, or a resumed run: its checkpoint decides).
+        FileNotFoundError when init_from names nothing."""
+        if self.init_from == "resume":
+            return None
+        if source is None and self.init_from != "scratch":
+            try:
+                source = source_config(self.init_from)
+            except (ValueError, RuntimeError) as e:
+                raise ConfigError(f"init_from={self.init_from!r}: {e}") from None
+            if source is None:
+                return None
+        base = {"block_size": self.block_size} if source is None else \
+            {k: getattr(source, k) for k in DIMENSIONS + ("untied_head",)}
+        model = self.model if source is None else {k: v for k, v in self.model.items() if k not in DIMENSIONS}
+        try:
+            return GPTConfig(**{**base, **model})
         except (ValueError, TypeError) as e:
             raise ConfigError(str(e)) from None
 

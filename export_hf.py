@@ -10,7 +10,8 @@ The Kronecker MLP weights are materialised (sum_i s_i A_i (x) B_i) into dense
 Conv1D matrices: the export trades the compression for compatibility (a
 Krony-81M checkpoint becomes a 124M-parameter GPT-2 file with the same outputs).
 Writes config.json and model.safetensors (keys 'transformer.*', Conv1D (in, out)
-weights; lm_head is tied to wte and not stored, as save_pretrained does).
+weights; a tied lm_head is wte and not stored, as save_pretrained does; an untied one, as in
+KnGPT-2 and TQCompressedGPT2, is stored as lm_head.weight with tie_word_embeddings false).
 
 The directory is written whole: built beside --out and renamed into place at the end,
 so an interrupted export leaves no half directory, and --overwrite leaves no file of
@@ -32,7 +33,7 @@ from storage import DiskFull, atomic_directory, write_json
 @torch.no_grad()
 def hf_state_dict(model) -> dict[str, torch.Tensor]:
     """GPT-2 weights in Hugging Face naming: 'transformer.' keys, Conv1D (in, out) layout,
-    biases everywhere (zeros where the model has none), no lm_head (tied to wte)."""
+    biases everywhere (zeros where the model has none), lm_head only when it is untied."""
     t = model.transformer
     sd = {"transformer.wte.weight": t.wte.weight, "transformer.wpe.weight": t.wpe.weight}
 
@@ -50,6 +51,8 @@ def hf_state_dict(model) -> dict[str, torch.Tensor]:
             sd[f"transformer.h.{i}.{name}.bias"] = layer.bias if layer.bias is not None \
                 else torch.zeros(W.shape[0], device=W.device)
     layer_norm("transformer.ln_f", t.ln_f)
+    if model.config.untied_head:
+        sd["lm_head.weight"] = model.lm_head.weight
     # safetensors wants contiguous tensors that share no memory
     return {k: v.detach().float().contiguous().clone() for k, v in sd.items()}
 
@@ -73,7 +76,7 @@ def hf_config(model) -> dict:
         "scale_attn_weights": True,
         "scale_attn_by_inverse_layer_idx": False,
         "reorder_and_upcast_attn": False,
-        "tie_word_embeddings": True,
+        "tie_word_embeddings": not c.untied_head,
         "bos_token_id": 50256,
         "eos_token_id": 50256,
         "use_cache": True,

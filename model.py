@@ -477,16 +477,7 @@ class GPT(nn.Module):
         overrides (mlp="kron", kron_shape=..., kron_factors, kron_scalars, kron_init, ...: any
         GPTConfig field) compress the dense model after loading (see compress)."""
         directory = resolve_hf_dir(name_or_dir)
-        with open(os.path.join(directory, "config.json")) as f:
-            hf = json.load(f)
-        act = hf.get("activation_function", "gelu_new")
-        if act not in ("gelu_new", "gelu_pytorch_tanh"):
-            raise ValueError(f"{name_or_dir}: activation_function={act!r} is not GPT-2's tanh GELU")
-        config = GPTConfig(block_size=hf["n_positions"], vocab_size=hf["vocab_size"], n_layer=hf["n_layer"],
-                           n_head=hf["n_head"], n_embd=hf["n_embd"],
-                           layer_norm_epsilon=hf.get("layer_norm_epsilon", 1e-5),
-                           untied_head=not hf.get("tie_word_embeddings", True))
-        model = cls(config)
+        model = cls(hf_config(directory, name_or_dir))
         model.load_hf_state_dict(read_hf_weights(directory), source=name_or_dir)
         rebuild = {k: overrides.pop(k) for k in ("dropout", "untied_head") if k in overrides}
         if rebuild:
@@ -802,6 +793,30 @@ def resolve_hf_dir(name_or_dir: str) -> str:
     return os.path.dirname(cfg)
 
 
+def hf_config(directory: str, name: str = "") -> GPTConfig:
+    """The GPTConfig of a Hugging Face GPT-2 directory (its config.json)."""
+    with open(os.path.join(directory, "config.json")) as f:
+        hf = json.load(f)
+    act = hf.get("activation_function", "gelu_new")
+    if act not in ("gelu_new", "gelu_pytorch_tanh"):
+        raise ValueError(f"{name or directory}: activation_function={act!r} is not GPT-2's tanh GELU")
+    return GPTConfig(block_size=hf["n_positions"], vocab_size=hf["vocab_size"], n_layer=hf["n_layer"],
+                     n_head=hf["n_head"], n_embd=hf["n_embd"], layer_norm_epsilon=hf.get("layer_norm_epsilon", 1e-5),
+                     untied_head=not hf.get("tie_word_embeddings", True))
+
+
+def source_config(spec: str) -> GPTConfig | None:
+    """The architecture of the model `spec` names, read without its weights (None for a hub model
+    that is not downloaded yet); FileNotFoundError when it names nothing."""
+    source = resolve_model(spec)
+    if source.kind == "checkpoint":
+        ckpt = load_checkpoint(source.path, mmap=True)
+        return GPTConfig.from_dict(ckpt["model_config"])
+    if source.kind == "hf_dir":
+        return hf_config(source.path, spec)
+    return None
+
+
 def read_hf_weights(directory: str) -> dict[str, torch.Tensor]:
     st = os.path.join(directory, "model.safetensors")
     if os.path.isfile(st):
@@ -813,12 +828,13 @@ def read_hf_weights(directory: str) -> dict[str, torch.Tensor]:
     raise FileNotFoundError(f"{directory} has neither model.safetensors nor pytorch_model.bin")
 
 
-def load_checkpoint(path: str, map_location="cpu") -> dict:
-    """A checkpoint dict, or one clear error: missing, unreadable (truncated, corrupt), or not ours."""
+def load_checkpoint(path: str, map_location="cpu", mmap: bool = False) -> dict:
+    """A checkpoint dict, or one clear error: missing, unreadable (truncated, corrupt), or not ours.
+    mmap=True maps the tensors instead of reading them (cheap when only the metadata is needed)."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"no checkpoint at {path}")
     try:
-        ckpt = torch.load(path, map_location=map_location, weights_only=True)
+        ckpt = torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
     except Exception as e:
         raise RuntimeError(f"{path} is not a readable checkpoint ({type(e).__name__}: {str(e)[:200]}); "
                          "it may be truncated or corrupt: use another one (e.g. ckpt_best.pt)") from e

@@ -54,7 +54,7 @@ import torch
 import storage
 from config import (BOOKKEEPING, ConfigError, TrainConfig, TrainError, config_diff, config_from, format_diff,
                     load_config_file, parse_override, to_overrides)
-from model import GPT, GPTConfig, resolve_model
+from model import GPT, resolve_model, source_config
 
 REPO = os.path.dirname(os.path.abspath(__file__))
 STUDY_KEYS = {"teacher": None, "data_dir": "data/openwebtext", "out_dir": "out-study", "eval_data_files": [],
@@ -135,7 +135,7 @@ def plan_runs(study: dict, common: list, path: str) -> tuple[dict | None, list[d
         except ConfigError as e:
             raise StudyError(f"run {name!r}: {e}") from None
         plan = {"name": name, "keys": {k: v for k, v in run.items() if k not in ("name", "_teacher")},
-                "dir": run_dir, "cfg": cfg}
+                "dir": run_dir, "cfg": cfg, "teacher_path": teacher_path}
         if is_teacher:
             teacher_plan = plan
         else:
@@ -177,15 +177,30 @@ def read_json(path: str):
         return None
 
 
-def model_size(cfg: TrainConfig, teacher_config: GPTConfig | None) -> int | None:
-    """Parameters of the model a run trains (built on the meta device), for the plan."""
-    try:
-        base = teacher_config.to_dict() if teacher_config is not None and cfg.init_from != "scratch" else {}
-        fields = {**base, "block_size": base.get("block_size", cfg.block_size), **cfg.model}
+def planned_sizes(teacher_plan: dict | None, plans: list[dict], teacher: str | dict) -> dict[str, int | None]:
+    """Parameters of the model every run trains (built on the meta device), checking each run's
+    compression keys against the teacher's matrices before anything is trained."""
+    if teacher_plan is not None:
+        teacher_config = teacher_plan["cfg"].model_config()
+    else:
+        try:
+            teacher_config = source_config(str(teacher))
+        except (FileNotFoundError, ValueError, RuntimeError) as e:
+            raise StudyError(f"teacher={teacher!r} cannot be loaded: {e}") from None
+    sizes = {}
+    for p in ([teacher_plan] if teacher_plan else []) + plans:
+        cfg = p["cfg"]
+        from_teacher = p is not teacher_plan and cfg.init_from == p["teacher_path"]
+        try:
+            config = cfg.model_config(teacher_config) if from_teacher and teacher_config else cfg.model_config()
+        except (ConfigError, FileNotFoundError) as e:
+            raise StudyError(f"run {p['name']!r}: {e}") from None
+        if config is None:
+            sizes[p["name"]] = None
+            continue
         with torch.device("meta"):
-            return GPT(GPTConfig.from_dict(fields)).num_params()
-    except (ValueError, TypeError):
-        return None
+            sizes[p["name"]] = GPT(config).num_params()
+    return sizes
 
 
 # -----------------------------------------------------------------------------
@@ -359,6 +374,7 @@ def plot(records: list[dict], path: str, title: str) -> None:
 def run_study(path: str, overrides: list[str]) -> list[dict]:
     study, common = load_study(path, overrides)
     teacher_plan, plans = plan_runs(study, common, path)
+    sizes = planned_sizes(teacher_plan, plans, study["teacher"])
     everything = ([teacher_plan] if teacher_plan else []) + plans
     changed = changed_runs(everything)
     if changed:
@@ -366,6 +382,11 @@ def run_study(path: str, overrides: list[str]) -> list[dict]:
                          + ". Delete their directories to redo them, or give the changed runs new names")
     out = study["out_dir"]
     os.makedirs(out, exist_ok=True)
+    print(f"study {path}: teacher {teacher_plan['name'] if teacher_plan else study['teacher']}, {len(plans)} runs, "
+          f"output in {out}")
+    for p in everything:
+        size = sizes.get(p["name"])
+        print(f"  {p['name']:<32} {'?' if size is None else format(size, ','):>14} parameters  {p['dir']}")
     with storage.RunLock(out):           # one study per directory
         return _run(study, teacher_plan, plans, path)
 

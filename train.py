@@ -67,6 +67,9 @@ PEAK_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40": 181e12, "A1
               "V100": 125e12, "4090": 165e12, "3090": 71e12}
 
 
+EVAL_SEED = 1338                # the evaluation batches' own seed
+
+
 class TrainingDiverged(TrainError):
     """The loss became NaN or infinite."""
 
@@ -289,6 +292,11 @@ class Trainer:
                 f"--gradient_accumulation_steps={dist.world} "
                 f"--batch_size={max(1, cfg.gradient_accumulation_steps * cfg.batch_size // dist.world)}")
         self.accum = cfg.gradient_accumulation_steps // dist.world        # micro-steps of this process
+        if cfg.init_from not in ("scratch", "resume"):
+            try:                                    # what init_from names, and the shapes on it, before any work
+                cfg.model_config()
+            except FileNotFoundError as e:
+                raise ConfigError(f"init_from={cfg.init_from!r}: {e}") from None
         try:
             self.device = runtime.pick_device(cfg.device, dist.local_rank)
         except ValueError as e:
@@ -414,10 +422,11 @@ class Trainer:
 
     @torch.no_grad()
     def estimate_loss(self) -> dict[str, float]:
-        """Mean loss over eval_iters batches of each split; the same batches at every evaluation
-        (their own generator), so evaluations compare like with like and never touch the training RNG."""
+        """Mean loss over eval_iters batches of each split; the same batches at every evaluation and in
+        every run (their own generator, whatever the seed), so evaluations compare like with like, also
+        across runs of a study, and never touch the training RNG."""
         cfg = self.cfg
-        gen = torch.Generator().manual_seed(cfg.seed + 1)
+        gen = torch.Generator().manual_seed(EVAL_SEED)
         self.model_run.eval()
         out = {}
         for split in ("train", "val"):

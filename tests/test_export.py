@@ -57,3 +57,22 @@ def test_export_errors(tmp_path, capsys):
     with pytest.raises(SystemExit):
         export_hf.main(["--model", "x"])        # --out is required
     assert "--out" in capsys.readouterr().err
+
+
+def test_untied_head_exports_with_its_own_output_matrix(tiny_hf_dir, tmp_path):
+    transformers = pytest.importorskip("transformers")
+    model = GPT.from_pretrained(tiny_hf_dir, mlp="kron", kron_b_shape=(2, 2), untied_head=True)
+    assert model.lm_head.weight is not model.transformer.wte.weight
+    with torch.no_grad():              # train the two apart, as a run would
+        model.lm_head.weight.add_(0.05 * torch.randn_like(model.lm_head.weight))
+    out = str(tmp_path / "hf")
+    export_hf.export(model, out)
+    cfg = json.load(open(os.path.join(out, "config.json")))
+    sd = load_file(os.path.join(out, "model.safetensors"))
+    assert cfg["tie_word_embeddings"] is False and "lm_head.weight" in sd
+    hf = transformers.GPT2LMHeadModel.from_pretrained(out).eval()
+    idx = torch.randint(0, 50257, (2, 12))
+    with torch.no_grad():
+        torch.testing.assert_close(hf(idx).logits, model.eval()(idx)[0], rtol=1e-4, atol=1e-4)
+    back = GPT.from_pretrained(out)              # and our loader reads it back untied
+    assert back.config.untied_head and torch.equal(back.lm_head.weight, model.lm_head.weight)

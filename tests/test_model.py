@@ -197,3 +197,37 @@ def test_macs_per_token_counts_what_each_layer_runs():
     # (1536, 384) (x) (2, 2), B first is cheaper: X B^T (384*2*2), then A V (1536*384*2); c_proj the same
     assert k81.macs_per_token(T) == attn_and_head + L * 2 * (384 * 2 * 2 + 1536 * 384 * 2)
     assert low.macs_per_token(T) == attn_and_head + L * 2 * 100 * (d + 4 * d)
+
+
+def test_untied_head_is_counted_both_ways(tiny_hf_dir):
+    tied = GPT.from_pretrained(tiny_hf_dir)
+    untied = GPT.from_pretrained(tiny_hf_dir, untied_head=True)
+    V, d = tied.config.vocab_size, tied.config.n_embd
+    assert torch.equal(untied.lm_head.weight, untied.transformer.wte.weight)      # a copy to start with
+    assert untied.lm_head.weight is not untied.transformer.wte.weight
+    assert untied.num_params() == tied.num_params() + V * d
+    assert untied.num_params(include_head=False) == tied.num_params() == tied.num_params(include_head=False)
+    idx = torch.randint(0, V, (2, 9))
+    with torch.no_grad():
+        torch.testing.assert_close(untied(idx)[0], tied(idx)[0])
+    # GPT-2 small untied with the 81M class: KnGPT-2's "119M*" convention leaves the output matrix out
+    with torch.device("meta"):
+        k81 = GPT(GPTConfig(mlp="kron", kron_shape=(1536, 384), untied_head=True))
+    assert k81.num_params(include_head=False) == 81_972_576
+    assert k81.num_params() == 81_972_576 + 50257 * 768
+
+
+def test_scratch_init_gives_factored_layers_the_dense_spread():
+    """A Kronecker, low-rank or shared-basis layer from scratch: its product has the std a dense layer
+    of that place gets (0.02, and 0.02 / sqrt(2 n_layer) for the residual projections c_proj)."""
+    import math
+    torch.manual_seed(0)
+    L = 3
+    for kw in (dict(mlp="kron", kron_b_shape=(2, 2)), dict(mlp="kron", kron_b_shape=(4, 4), kron_factors=4,
+                                                           kron_scalars=True),
+               dict(mlp="kron", kron_shape=(16, 4), kron_factors=2), dict(mlp="lowrank", lowrank_rank=8)):
+        model = GPT(GPTConfig(n_layer=L, n_head=2, n_embd=32, vocab_size=100, block_size=16, **kw))
+        for block in model.transformer.h:
+            fc, proj = block.mlp.c_fc.materialize(), block.mlp.c_proj.materialize()
+            assert fc.std().item() == pytest.approx(0.02, rel=0.02), kw
+            assert proj.std().item() == pytest.approx(0.02 / math.sqrt(2 * L), rel=0.02), kw

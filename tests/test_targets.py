@@ -113,3 +113,52 @@ def test_size_report_counts(capsys):
     assert "KronLinear: 12 layers" in text
     sizes_main(["count", "--targets", '[{"pattern": "attn.c_proj", "method": "lowrank", "lowrank_rank": 64}]'])
     assert f"{124_439_808 - 12 * (768 * 768 - 64 * 2 * 768):,}" in capsys.readouterr().out
+
+
+def test_kron_b_shape_means_the_same_at_any_width():
+    with torch.device("meta"):
+        by_a = GPT(GPTConfig(mlp="kron", kron_shape=(1536, 384)))
+        by_b = GPT(GPTConfig(mlp="kron", kron_b_shape=(2, 2)))
+        narrow = GPT(GPTConfig(n_layer=2, n_head=4, n_embd=256, mlp="kron", kron_b_shape=(2, 2)))
+        tall = GPT(GPTConfig(n_layer=2, n_head=4, n_embd=256, mlp="kron", kron_b_shape=(2, 1)))
+    assert by_b.num_params() == by_a.num_params() == 81_972_576
+    fc, proj = by_b.transformer.h[0].mlp.c_fc, by_b.transformer.h[0].mlp.c_proj
+    assert (fc.a_shape, fc.b_shape, proj.a_shape, proj.b_shape) == ((1536, 384), (2, 2), (384, 1536), (2, 2))
+    fc = narrow.transformer.h[1].mlp.c_fc
+    assert (fc.a_shape, fc.b_shape) == ((512, 128), (2, 2))
+    fc, proj = tall.transformer.h[0].mlp.c_fc, tall.transformer.h[0].mlp.c_proj
+    assert (fc.a_shape, fc.b_shape, proj.a_shape, proj.b_shape) == ((512, 256), (2, 1), (256, 512), (1, 2))
+    # in a compress target too, and a target's own shape key is not mixed with the config's other one
+    c = GPTConfig(n_layer=2, n_embd=32, n_head=2, mlp="kron", kron_shape=(64, 16),
+                  compress_targets=[{"pattern": "attn.c_proj", "method": "kron", "kron_b_shape": [4, 4]}])
+    assert c.compress_targets[0]["kron_b_shape"] == (4, 4) and c.compress_targets[0]["kron_shape"] is None
+    assert GPT(c).transformer.h[0].attn.c_proj.a_shape == (8, 8)
+
+
+@pytest.mark.parametrize("kw,match", [
+    (dict(kron_shape=(64, 16), kron_b_shape=(2, 2)), "only one of kron_shape"),
+    (dict(kron_b_shape=(3, 3)), r"B shape \(3, 3\) does not tile.*Valid m2: 1, 2, 4"),
+    (dict(kron_b_shape=(2, 2, 2)), "must be a pair"),
+    (dict(kron_shape=(64, 16, 1)), "must be a pair"),
+    (dict(kron_b_shape=(0, 2)), "positive integers"),
+    (dict(kron_b_shape=(2, 2), kron_init="prune"), r"prune.*\(2, 1\) or \(1, 2\)"),
+])
+def test_bad_kron_shapes_are_clear_errors(kw, match):
+    with pytest.raises(ValueError, match=match):
+        GPTConfig(n_layer=2, n_embd=32, n_head=2, mlp="kron", **kw)
+
+
+def test_prune_follows_the_b_shape(dense12):
+    """B (1, 2) for c_fc (the published 96M setup) keeps every other residual input of c_fc and every
+    other residual output of c_proj; B (2, 1) keeps every other hidden unit. prune_b_second sets B's
+    second entry (the original code's 0 here)."""
+    model, _ = compress(dense12, mlp="kron", kron_b_shape=(1, 2), kron_init="prune", prune_b_second=0.0)
+    for old, new in zip(dense12.transformer.h, model.transformer.h):
+        W_fc, W_proj = old.mlp.c_fc.weight, old.mlp.c_proj.weight
+        fc, proj = new.mlp.c_fc.materialize(), new.mlp.c_proj.materialize()
+        assert torch.equal(fc[:, 0::2], W_fc[:, 0::2]) and not fc[:, 1::2].any()
+        assert torch.equal(proj[0::2], W_proj[0::2]) and not proj[1::2].any()
+    hidden, _ = compress(dense12, mlp="kron", kron_b_shape=(2, 1), kron_init="prune")
+    fc = hidden.transformer.h[0].mlp.c_fc.materialize()
+    W = dense12.transformer.h[0].mlp.c_fc.weight
+    assert torch.equal(fc[0::2], W[0::2]) and torch.allclose(fc[1::2], 0.1 * W[0::2])
