@@ -160,8 +160,9 @@ TYPES = {**typing.get_type_hints(GPTConfig), **typing.get_type_hints(TrainConfig
 # keys that change the model itself: fixed for the life of a run, like the optimizer's structure
 FIXED_ON_RESUME = tuple(k for k in MODEL_KEYS if k not in INIT_ONLY) + ("decay_factors",)
 # keys that say nothing about what a run computes: a run is "the same" whatever they are
-BOOKKEEPING = ("init_from", "overwrite", "wandb_log", "wandb_project", "wandb_run_name", "wandb_mode", "compile",
-               "log_interval", "device", "dtype_used", "world_size")
+# (out_dir too: a run directory moved elsewhere holds the same run)
+BOOKKEEPING = ("out_dir", "init_from", "overwrite", "wandb_log", "wandb_project", "wandb_run_name", "wandb_mode",
+               "compile", "log_interval", "device", "dtype_used", "world_size")
 
 
 def check_value(key: str, value, hint):

@@ -65,10 +65,38 @@ def atomic_write(path: str, write: Callable[[BinaryIO], None]) -> None:
     fsync_dir(directory)
 
 
+class _RecordingWriter:
+    """A file's write() that remembers the OSError it raised (see save_torch)."""
+
+    def __init__(self, f: BinaryIO):
+        self.f, self.error = f, None
+
+    def write(self, b) -> int:
+        try:
+            return self.f.write(b)
+        except OSError as e:
+            self.error = e
+            raise
+
+    def flush(self) -> None:
+        self.f.flush()
+
+
 def save_torch(obj, path: str) -> None:
     """torch.save, atomically."""
     import torch
-    atomic_write(path, lambda f: torch.save(obj, f))
+
+    def save(f: BinaryIO) -> None:
+        # torch.save reports a write that failed (a full disk) as its own RuntimeError ("unexpected
+        # pos"); raise the OSError behind it, so that a full disk is DiskFull here too
+        writer = _RecordingWriter(f)
+        try:
+            torch.save(obj, writer)
+        except RuntimeError:
+            if writer.error is not None:
+                raise writer.error from None
+            raise
+    atomic_write(path, save)
 
 
 def atomic_copy(src: str, dst: str) -> None:

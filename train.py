@@ -302,21 +302,29 @@ class Trainer:
         except ValueError as e:
             raise ConfigError(str(e)) from None
         self.dtype = runtime.pick_dtype(cfg.dtype, self.device, self.log)
+        if cfg.init_from not in ("scratch", "resume"):
+            try:
+                resolve_model(cfg.init_from)     # a typo'd path or name fails here, before out_dir is touched
+            except FileNotFoundError as e:
+                raise ConfigError(str(e)) from None
         self.stored = {**cfg.flat(), "dtype_used": runtime.dtype_name(self.dtype), "world_size": dist.world}
         ckpt = self.claim_out_dir()
         self.log("resolved config:\n" + "\n".join(f"  {k} = {v!r}" for k, v in self.stored.items()))
         torch.manual_seed(cfg.seed + dist.rank)             # model init (scratch) and dropout
         self.data_gen = torch.Generator().manual_seed(cfg.seed)   # batch sampling, the same on every rank
         self.data = prepare_data(cfg, dist, self.log)
+        try:
+            self.data.check_block_size(cfg.block_size)
+        except data.DataError as e:
+            raise ConfigError(str(e)) from None
         self.model = self.restore_model(ckpt) if ckpt else build_model(cfg, self.log)
         if cfg.block_size > self.model.config.block_size:
             raise ConfigError(f"block_size={cfg.block_size} is longer than the model's context "
                               f"{self.model.config.block_size}")
         try:
-            self.data.check_block_size(cfg.block_size)
             self.data.check_vocab(self.model.config.vocab_size)
-        except ValueError as e:
-            raise TrainError(str(e)) from None
+        except data.DataError as e:
+            raise ConfigError(str(e)) from None
         self.model.to(self.device)
         m = self.model
         self.log(f"model: {m.num_params():,} parameters ({m.num_params(include_wpe=False):,} without position "
@@ -346,12 +354,14 @@ class Trainer:
                         os.remove(path)
                         self.log(f"overwrite=True: removed {path}")
         dist.barrier()
+        # the run's state is in ckpt_last.pt, or in ckpt_best.pt alone when a kill came between the
+        # first ckpt_best.pt and its copy ckpt_last.pt
         found = [p for p in (self.ckpt_last, self.ckpt_best) if os.path.isfile(p)]
         if cfg.init_from == "resume":
-            if not os.path.isfile(self.ckpt_last):
+            if not found:
                 raise TrainError(f"init_from='resume' but there is no {self.ckpt_last}; start the run with "
                                  "another init_from")
-            ckpt = self.read_run_checkpoint()
+            ckpt = self.read_run_checkpoint(found[0])
             diff = config_diff(ckpt["config"], self.stored)
             fixed = {k: v for k, v in diff.items() if k in FIXED_ON_RESUME}
             if fixed:
@@ -363,10 +373,7 @@ class Trainer:
             return ckpt
         if not found:
             return None
-        if not os.path.isfile(self.ckpt_last):
-            raise TrainError(f"{cfg.out_dir} holds {os.path.basename(found[0])} of another run; choose another "
-                             "out_dir, or --overwrite=True to replace it")
-        ckpt = self.read_run_checkpoint()
+        ckpt = self.read_run_checkpoint(found[0])
         diff = config_diff(ckpt["config"], self.stored)
         if not diff:
             self.log(f"{cfg.out_dir} holds this run at iteration {ckpt['iter_num']}: resuming it "
@@ -379,14 +386,14 @@ class Trainer:
             f"{format_diff(diff)}. To continue that run: --init_from=resume; to keep it: another --out_dir; "
             "to replace it: --overwrite=True")
 
-    def read_run_checkpoint(self) -> dict:
+    def read_run_checkpoint(self, path: str) -> dict:
         try:
-            ckpt = load_checkpoint(self.ckpt_last)
+            ckpt = load_checkpoint(path)
         except (ValueError, RuntimeError) as e:
             raise TrainError(f"{e}. Move it away (or use --overwrite=True) to start over") from None
         if "optimizer" not in ckpt or "iter_num" not in ckpt or "config" not in ckpt:
-            raise TrainError(f"{self.ckpt_last} holds weights only (no optimizer state or iteration), so it cannot be "
-                             f"resumed; start a new run from it with --init_from={self.ckpt_last} and another out_dir")
+            raise ConfigError(f"{path} holds weights only (no optimizer state or iteration), so it cannot be "
+                              f"resumed; start a new run from it with --init_from={path} and another out_dir")
         return ckpt
 
     def restore_model(self, ckpt: dict) -> GPT:
@@ -652,7 +659,7 @@ def prepare_data(cfg: TrainConfig, dist: Distributed, log) -> data.TokenData:
     try:
         return data.TokenData(data_dir)
     except data.DataError as e:
-        raise TrainError(str(e)) from None
+        raise ConfigError(str(e)) from None
 
 
 def train(cfg: TrainConfig) -> dict:
@@ -705,7 +712,9 @@ if __name__ == "__main__":
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
-    except (TrainError, FileNotFoundError, storage.DiskFull) as e:
+    except storage.DiskFull as e:
+        sys.exit(f"error: {e.strerror}")
+    except (TrainError, FileNotFoundError) as e:
         sys.exit(f"error: {e}")
     except KeyboardInterrupt:
         sys.exit("interrupted; the checkpoints are intact: run the same command to resume")

@@ -1,7 +1,10 @@
-"""Shared fixtures: tiny GPT-2 checkpoints built with transformers, in both on-disk layouts."""
+"""Shared fixtures: tiny GPT-2 checkpoints built with transformers, in both on-disk layouts; tiny
+token data and the tiny train.py runs of tests/test_train.py and tests/test_faults.py."""
+import hashlib
 import os
 import sys
 
+import numpy as np
 import pytest
 import torch
 
@@ -11,6 +14,11 @@ SHARED = os.path.join(os.path.dirname(ROOT), "shared")
 TIKTOKEN_CACHE = os.environ.get("TIKTOKEN_CACHE_DIR") or os.path.join(SHARED, "tiktoken_cache")
 # Tiny models gain nothing from intra-op threads; on a busy 2-core machine they make tests far slower.
 torch.set_num_threads(1)
+VOCAB = 64       # tiny data uses token ids < 64 (the tiny GPT-2 still has the full 50257 vocabulary)
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "slow: takes more than a few seconds (deselect with -m 'not slow')")
 
 
 def make_tiny_hf(directory, n_layer=2, n_embd=32, n_head=2, n_positions=64, vocab_size=50257,
@@ -72,3 +80,60 @@ def tiktoken_gpt2(monkeypatch):
     monkeypatch.setenv("TIKTOKEN_CACHE_DIR", TIKTOKEN_CACHE)
     import tiktoken
     return tiktoken.get_encoding("gpt2")
+
+
+# ----------------------------------------------------------------------------- tiny training runs
+
+@pytest.fixture(scope="session")
+def data_dir(tmp_path_factory):
+    """train.bin / val.bin of a learnable sequence: a few repeated 'sentences' with noise."""
+    import data
+    d = tmp_path_factory.mktemp("tinydata")
+    rng = np.random.default_rng(0)
+    sentences = [rng.integers(0, VOCAB, size=rng.integers(5, 12)) for _ in range(8)]
+    splits = {split: np.concatenate([sentences[i] for i in rng.integers(0, len(sentences), size=n)])
+              for split, n in (("train", 600), ("val", 100))}
+    data.write_token_files(str(d), splits, vocab_size=VOCAB)    # bins + the meta.json TokenData checks
+    return str(d)
+
+
+@pytest.fixture(scope="session")
+def hf_dir(tmp_path_factory):
+    d = str(tmp_path_factory.mktemp("tiny_hf"))
+    make_tiny_hf(d, n_layer=2, n_embd=32, n_head=2, n_positions=64)
+    return d
+
+
+def argv(**kw) -> list[str]:
+    return [f"--{k}={v!r}" for k, v in kw.items()]
+
+
+# a tiny, fast, deterministic base config of train.py
+BASE = dict(device="cpu", dtype="float32", batch_size=4, gradient_accumulation_steps=1, block_size=32,
+            max_iters=20, eval_interval=10, eval_iters=2, log_interval=1, learning_rate=3e-3, decay_lr=False,
+            warmup_iters=0, eval_at_start=False)
+
+
+def run_argv(data_dir, out_dir, **kw) -> list[str]:
+    """The --key=value arguments of run()."""
+    return argv(**{"data_dir": data_dir, "out_dir": str(out_dir), **BASE, **kw})
+
+
+def run(data_dir, out_dir, **kw):
+    """train.main with the tiny base config."""
+    import train
+    return train.main(run_argv(data_dir, out_dir, **kw))
+
+
+def kron_run(data_dir, hf_dir, out_dir, **kw):
+    return run(data_dir, out_dir, **{"init_from": hf_dir, "mlp": "kron", "kron_shape": (64, 16),
+                                     "kron_init": "vl-norm", **kw})
+
+
+def scratch(**kw) -> dict:
+    return dict(init_from="scratch", n_layer=1, n_head=2, n_embd=32, vocab_size=VOCAB, **kw)
+
+
+def sha(path) -> str:
+    with open(path, "rb") as f:
+        return hashlib.sha256(f.read()).hexdigest()

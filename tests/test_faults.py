@@ -3,12 +3,13 @@ traceback) before any expensive work, and an interrupted job (SIGKILL, Ctrl-C, a
 the previous output intact, never a mixture.
 
 Sections: data (prepare_owt.py, data.TokenData), export (export_hf.py), eval (eval_ppl.py),
-sample (sample.py)."""
+sample (sample.py), train (train.py)."""
 import errno
 import hashlib
 import json
 import math
 import os
+import re
 import select
 import shutil
 import signal
@@ -26,8 +27,9 @@ import export_hf
 import prepare_owt
 import sample
 import storage
-from conftest import ROOT, TIKTOKEN_CACHE
-from model import GPT
+import train
+from conftest import ROOT, TIKTOKEN_CACHE, VOCAB, kron_run, run, run_argv, scratch
+from model import GPT, GPTConfig, load_checkpoint
 
 ENV = {**os.environ, "TIKTOKEN_CACHE_DIR": TIKTOKEN_CACHE}
 WORDS = ["alpha", "beta", "gamma", "delta", "kronecker", "matrix", "sum", "product", "factor", "token",
@@ -75,9 +77,9 @@ def run_clis(commands: list[tuple]) -> list[subprocess.CompletedProcess]:
     return done
 
 
-def assert_one_line_error(proc, *needles):
+def assert_one_line_error(proc, *needles, code=2):
     lines = proc.stderr.strip().splitlines()
-    assert proc.returncode == 2, (proc.args, proc.returncode, proc.stderr)
+    assert proc.returncode == code, (proc.args, proc.returncode, proc.stderr)
     assert "Traceback" not in proc.stderr, proc.stderr
     assert len(lines) == 1 and lines[0].startswith("error: "), (proc.args, proc.stderr)
     for n in needles:
@@ -521,3 +523,396 @@ def test_sample_cli_mistakes(tmp_path, tiny_hf_dir):
     for proc, message in zip(procs, [m for _, m, as_process in cases if as_process]):
         assert_one_line_error(proc, message)
         assert proc.stdout == ""
+
+
+# =============================================================================
+# train: train.py
+#
+# A kill has to land inside a checkpoint write, which a tiny model finishes in a millisecond. So the
+# killed processes run PAUSING_TRAIN (written to a temp file by the fixture pausing_train): train.py
+# run as `python train.py` runs it, except that one chosen call of storage.atomic_write (every
+# checkpoint and run.json goes through it) puts half of its bytes in its temp file, flushes them,
+# tells the test and waits to be killed.
+
+PAUSING_TRAIN = '''\
+"""python pausing_train.py REPO [train.py arguments]: train.py with one atomic write stopped half-way.
+
+PAUSE_WRITE=NAME:N picks the N-th write of the out_dir file NAME (ckpt_best.pt, ckpt_last.pt, run.json):
+half of its bytes go to its temp file, which is flushed; then the file PAUSED is created and the write
+waits to be killed. FULL_DISK=NAME:N makes that write fail there with ENOSPC instead, as a full disk does."""
+import errno, io, os, runpy, sys, time
+
+sys.argv = [os.path.join(sys.argv[1], "train.py"), *sys.argv[2:]]
+sys.path.insert(0, os.path.dirname(sys.argv[0]))
+import storage
+
+real_atomic_write, counts = storage.atomic_write, {}
+
+
+def atomic_write(path, write):
+    name = os.path.basename(path)
+    counts[name] = counts.get(name, 0) + 1
+    moment = f"{name}:{counts[name]}"
+    if moment not in (os.environ.get("PAUSE_WRITE"), os.environ.get("FULL_DISK")):
+        return real_atomic_write(path, write)
+
+    def half_then_stop(f):
+        buf = io.BytesIO()
+        write(buf)
+        f.write(buf.getvalue()[:buf.tell() // 2])
+        f.flush()
+        if moment == os.environ.get("FULL_DISK"):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        open(os.environ["PAUSED"], "w").close()
+        time.sleep(120)
+        raise RuntimeError("pausing_train.py: nobody killed this process")
+    return real_atomic_write(path, half_then_stop)
+
+
+storage.atomic_write = atomic_write
+runpy.run_path(sys.argv[0], run_name="__main__")
+'''
+CHECKPOINTS = ("ckpt_best.pt", "ckpt_last.pt")
+
+
+@pytest.fixture(scope="module")
+def pausing_train(tmp_path_factory):
+    path = tmp_path_factory.mktemp("bin") / "pausing_train.py"
+    path.write_text(PAUSING_TRAIN)
+    return str(path)
+
+
+def train_process(script, args, **env) -> subprocess.Popen:
+    """`python SCRIPT ... train.py arguments`, one thread (as the in-process runs: equal numbers),
+    unbuffered (a killed process's output is not lost)."""
+    script_args = [script, ROOT] if script != "train.py" else [os.path.join(ROOT, "train.py")]
+    return subprocess.Popen([sys.executable, *script_args, *args], cwd=ROOT, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True,
+                            env={**ENV, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", **env})
+
+
+def finish(proc) -> subprocess.CompletedProcess:
+    out, err = proc.communicate(timeout=120)
+    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+
+
+def checkpoint_files(out) -> dict:
+    """{name: sha256} of every file in out_dir but the lock (checkpoints, run.json, temp files)."""
+    return {n: sha(os.path.join(out, n)) for n in sorted(os.listdir(out)) if n != storage.RunLock.NAME}
+
+
+def interrupt_after_save(monkeypatch, n):
+    """Ctrl-C right after the n-th ckpt_last.pt is written (the last file of an evaluation): an
+    unfinished run."""
+    real, count = storage.atomic_write, [0]
+
+    def write_then_interrupt(path, write):
+        real(path, write)
+        count[0] += os.path.basename(path) == "ckpt_last.pt"
+        if count[0] == n:
+            raise KeyboardInterrupt
+    monkeypatch.setattr(storage, "atomic_write", write_then_interrupt)
+
+
+def evals(ckpt) -> list[tuple]:
+    return [(h["iter"], h["train"], h["val"]) for h in ckpt["history"]]
+
+
+def test_another_run_in_the_out_dir_is_refused_the_same_one_resumes(tmp_path, data_dir, monkeypatch, capsys):
+    out, kw = tmp_path / "run", scratch(max_iters=6, eval_interval=2)
+    ref = run(data_dir, tmp_path / "ref", **kw)
+    interrupt_after_save(monkeypatch, 2)                          # at iteration 4
+    with pytest.raises(KeyboardInterrupt):
+        run(data_dir, out, **kw)
+    monkeypatch.undo()
+    files = checkpoint_files(out)
+    assert sorted(files) == list(CHECKPOINTS)
+    # a new run of another config in that out_dir: refused, naming the run, what differs and the ways out
+    with pytest.raises(train.TrainError) as e:
+        run(data_dir, out, **{**kw, "learning_rate": 1e-3, "batch_size": 2})
+    message = str(e.value)
+    for needle in (f"{out} holds another run (init_from='scratch', iteration 4 of 6, best val loss",
+                   "learning_rate: 0.003 -> 0.001", "batch_size: 4 -> 2", "--init_from=resume",
+                   "another --out_dir", "--overwrite=True"):
+        assert needle in message, (needle, message)
+    assert "\n" not in message and checkpoint_files(out) == files
+    # the same command resumes, exactly where it stopped; in a run directory moved elsewhere too
+    moved = tmp_path / "moved"
+    os.rename(out, moved)
+    capsys.readouterr()
+    resumed = run(data_dir, moved, **kw)
+    assert f"{moved} holds this run at iteration 4: resuming it" in capsys.readouterr().out
+    assert resumed["iters"] == [5, 6] and resumed["losses"] == ref["losses"][4:]
+    out = moved
+    # --overwrite=True starts over, with the new config
+    new = run(data_dir, out, **{**kw, "learning_rate": 1e-3, "overwrite": True})
+    assert new["iters"] == list(range(1, 7)) and new["losses"][0] == ref["losses"][0]
+    assert new["losses"][1] != ref["losses"][1]                  # the other learning rate from step 2 on
+    last = load_checkpoint(str(out / "ckpt_last.pt"))
+    assert last["config"]["learning_rate"] == 1e-3 and evals(last)[0][0] == 2 and len(evals(last)) == 3
+
+
+def test_resume_of_a_run_initialised_from_hugging_face(tmp_path, data_dir, hf_dir, monkeypatch, capsys):
+    # the HF model fixes n_layer, n_head, n_embd (2, 2, 32): the config's values are ignored (and stored as given)
+    out, kw = tmp_path / "run", dict(max_iters=6, eval_interval=2, n_layer=4, n_head=4, n_embd=64)
+    ref = kron_run(data_dir, hf_dir, tmp_path / "ref", **kw)
+    assert "fixes n_embd, n_head, n_layer; the config's values are ignored" in capsys.readouterr().out
+    assert ref["model"].config.n_layer == 2
+    interrupt_after_save(monkeypatch, 1)                          # at iteration 2
+    with pytest.raises(KeyboardInterrupt):
+        kron_run(data_dir, hf_dir, out, **kw)
+    monkeypatch.undo()
+    interrupt_after_save(monkeypatch, 1)                          # the same command resumes; at iteration 4
+    with pytest.raises(KeyboardInterrupt):
+        kron_run(data_dir, hf_dir, out, **kw)
+    assert load_checkpoint(str(out / "ckpt_last.pt"))["iter_num"] == 4
+    monkeypatch.undo()
+    capsys.readouterr()
+    resumed = kron_run(data_dir, hf_dir, out, **{**kw, "init_from": "resume"})     # and so does init_from=resume
+    assert "resuming at iteration 4" in capsys.readouterr().out
+    assert resumed["iters"] == [5, 6] and resumed["losses"] == ref["losses"][4:]
+    last, ref_last = (load_checkpoint(str(d / "ckpt_last.pt")) for d in (out, tmp_path / "ref"))
+    assert evals(last) == evals(ref_last) and last["config"]["n_layer"] == 4
+    for k, v in ref_last["model"].items():
+        assert torch.equal(last["model"][k], v), k
+
+
+def assert_checkpoints_consistent(out, last_iter, best_iter):
+    """Both loadable (ckpt_last.pt may not exist yet), ckpt_best.pt never older than what
+    ckpt_last.pt records as the best, both of mode 0644."""
+    best = load_checkpoint(os.path.join(out, "ckpt_best.pt"))
+    assert best["iter_num"] == best_iter
+    assert best["val_loss"] == best["best_val_loss"]
+    if last_iter is None:
+        assert not os.path.exists(os.path.join(out, "ckpt_last.pt"))
+    else:
+        last = load_checkpoint(os.path.join(out, "ckpt_last.pt"))
+        GPT.from_checkpoint(os.path.join(out, "ckpt_last.pt"))
+        assert last["iter_num"] == last_iter
+        assert best["val_loss"] == last["best_val_loss"] or best["iter_num"] > last["iter_num"]
+        assert best["val_loss"] <= last["best_val_loss"]
+    for name in CHECKPOINTS:
+        if os.path.exists(os.path.join(out, name)):
+            assert os.stat(os.path.join(out, name)).st_mode & 0o777 == 0o644, name
+
+
+def temp_files(out) -> list[str]:
+    return sorted(n for n in os.listdir(out) if n.startswith(storage.TEMP_PREFIX))
+
+
+@pytest.mark.slow
+def test_kills_during_checkpoint_writes_leave_a_run_that_resumes_exactly(tmp_path, data_dir, pausing_train,
+                                                                        capsys):
+    out = tmp_path / "run"
+    args = run_argv(data_dir, out, **scratch(max_iters=10, eval_interval=2))
+    paused = tmp_path / "paused"
+
+    def stop_in(write, sig=signal.SIGKILL, meanwhile=lambda: None) -> subprocess.CompletedProcess:
+        """Run the same command until it is half-way through `write`, then send `sig`."""
+        if paused.exists():
+            paused.unlink()
+        proc = train_process(pausing_train, args, PAUSE_WRITE=write, PAUSED=str(paused))
+        meanwhile()
+        assert wait_until(paused.exists, proc), finish(proc)
+        name = write.split(":")[0]
+        temp = [n for n in temp_files(out) if n.startswith(f"{storage.TEMP_PREFIX}{name}.")]
+        assert len(temp) == 1 and os.path.getsize(out / temp[0]) > 0      # a half-written checkpoint
+        proc.send_signal(sig)
+        return finish(proc)
+
+    reference = {}
+    # 1. killed while ckpt_last.pt is written for the first time: only ckpt_best.pt exists (iteration 2)
+    stop_in("ckpt_last.pt:1", meanwhile=lambda: reference.update(train.main(  # the uninterrupted run
+        run_argv(data_dir, tmp_path / "ref", **scratch(max_iters=10, eval_interval=2)))))
+    ref_val = [e["val"] for e in reference["evals"]]
+    assert ref_val == sorted(ref_val, reverse=True), "every evaluation must improve for these moments"
+    assert_checkpoints_consistent(out, None, 2)
+    left = temp_files(out)
+    # 2. the same command resumes from ckpt_best.pt (it holds the whole state); killed while it writes
+    # ckpt_last.pt for the second time: ckpt_best.pt of iteration 6 is renamed, ckpt_last.pt is of 4
+    proc = stop_in("ckpt_last.pt:2")
+    assert "removed 1 temp file(s) a killed run left" in proc.stdout and "resuming at iteration 2" in proc.stdout
+    assert not set(left) & set(temp_files(out))
+    assert_checkpoints_consistent(out, 4, 6)
+    # 3. Ctrl-C in the middle of writing ckpt_best.pt (iteration 6 again): one line, the temp file
+    # removed, the checkpoints as they were
+    files = {n: sha(out / n) for n in CHECKPOINTS}
+    proc = stop_in("ckpt_best.pt:1", signal.SIGINT)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    assert proc.stderr.strip().splitlines() == ["interrupted; the checkpoints are intact: run the same command "
+                                                "to resume"]
+    assert temp_files(out) == [] and checkpoint_files(out) == files
+    assert_checkpoints_consistent(out, 4, 6)
+    # the same command, uninterrupted: it finishes with what an uninterrupted run computes
+    capsys.readouterr()
+    resumed = train.main(args)
+    assert "resuming at iteration 4" in capsys.readouterr().out
+    assert resumed["iters"] == list(range(5, 11)) and resumed["losses"] == reference["losses"][4:]
+    assert_checkpoints_consistent(out, 10, 10)
+    last, ref = (load_checkpoint(str(d / "ckpt_last.pt")) for d in (out, tmp_path / "ref"))
+    assert evals(last) == evals(ref) and [h["iter"] for h in last["history"]] == [2, 4, 6, 8, 10]
+    for k, v in ref["model"].items():
+        assert torch.equal(last["model"][k], v), k
+    for a, b in zip(last["optimizer"]["state"].values(), ref["optimizer"]["state"].values()):
+        assert all(torch.equal(a[k], b[k]) for k in a)
+    assert temp_files(out) == []
+
+
+@pytest.mark.slow
+def test_second_run_in_one_out_dir_fails_at_once_and_a_stale_lock_is_taken_over(tmp_path, data_dir,
+                                                                                pausing_train):
+    out, paused = tmp_path / "run", tmp_path / "paused"
+    args = run_argv(data_dir, out, **scratch(max_iters=4, eval_interval=2))
+    first = train_process(pausing_train, args, PAUSE_WRITE="ckpt_last.pt:1", PAUSED=str(paused))
+    lock = out / storage.RunLock.NAME
+    assert wait_until(lambda: lock.exists() and lock.read_text().startswith(f"pid {first.pid} "), first)
+    second = finish(train_process("train.py", args))
+    assert_one_line_error(second, f"{out} is in use by a running process (pid {first.pid} on ", code=1)
+    assert second.stdout == ""                                  # refused before any work
+    assert wait_until(paused.exists, first) and first.poll() is None
+    first.send_signal(signal.SIGKILL)                           # its lock is left behind, stale
+    finish(first)
+    assert lock.read_text().startswith(f"pid {first.pid} ")
+    res = train.main(args)                                      # the same command takes the lock over
+    assert res["iters"] == [3, 4] and lock.read_text().startswith(f"pid {os.getpid()} ")
+    assert_checkpoints_consistent(out, 4, 4)
+
+
+@pytest.mark.parametrize("where, nth", [("ckpt_best.pt", 2), ("ckpt_last.pt", 2), ("run.json", 1)])
+def test_disk_full_while_saving(tmp_path, data_dir, monkeypatch, capsys, where, nth):
+    out, kw = tmp_path / "run", scratch(max_iters=6, eval_interval=2)
+    real, counts, before = storage.atomic_write, {}, {}
+
+    def atomic_write(path, write):
+        name = os.path.basename(path)
+        counts[name] = counts.get(name, 0) + 1
+        if (name, counts[name]) != (where, nth):
+            return real(path, write)
+        before.update(checkpoint_files(out))
+
+        def half_then_full(f):
+            f.write(b"\0" * 1000)
+            full_disk()
+        return real(path, half_then_full)
+    monkeypatch.setattr(storage, "atomic_write", atomic_write)
+    with pytest.raises(storage.DiskFull, match=re.escape(f"no space left on the device while writing {out / where}; "
+                                                         "the previous version (if any) is intact")) as e:
+        run(data_dir, out, **kw)
+    assert "\n" not in str(e.value)
+    assert before and checkpoint_files(out) == before and not leftovers(tmp_path)
+    monkeypatch.setattr(storage, "atomic_write", real)
+    capsys.readouterr()
+    res = run(data_dir, out, **kw)                               # the same command, with space again
+    if where == "run.json":                                      # the last thing a run writes
+        assert res["iters"] == [] and "is finished" in capsys.readouterr().out
+        assert (out / "run.json").exists()
+    else:
+        assert res["iters"] == [3, 4, 5, 6]
+    assert_checkpoints_consistent(out, 6, 6)
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """(directory, resize(bytes)): a tmpfs of its own, to fill for real. Needs root and a mount that
+    works (skipped elsewhere)."""
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    if os.geteuid() != 0 or not shutil.which("mount"):
+        pytest.skip("mounting a tmpfs needs root")
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(disk)], capture_output=True,
+                             text=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.strip()}")
+    try:
+        yield disk, lambda size: subprocess.run(["mount", "-o", f"remount,size={size}", str(disk)], check=True)
+    finally:
+        subprocess.run(["umount", str(disk)], check=True)
+
+
+def test_a_disk_that_really_fills_up(tmp_path, data_dir, small_disk):
+    """A real ENOSPC, which torch.save reports as a RuntimeError of its own: still DiskFull, one line."""
+    disk, resize = small_disk
+    out, kw = disk / "run", scratch(max_iters=6, eval_interval=2)
+    ref = run(data_dir, tmp_path / "ref", **kw)
+    size = os.path.getsize(tmp_path / "ref" / "ckpt_last.pt")
+    resize(5 * size // 2)                 # ckpt_best.pt and ckpt_last.pt of iteration 2, not a third checkpoint
+    with pytest.raises(storage.DiskFull, match=re.escape(f"no space left on the device while writing "
+                                                         f"{out / 'ckpt_best.pt'}; the previous version")):
+        run(data_dir, out, **kw)
+    assert sorted(os.listdir(out)) == [storage.RunLock.NAME, *CHECKPOINTS]       # no temp file
+    assert_checkpoints_consistent(out, 2, 2)
+    resize(4 * size)                      # space again: the same command resumes
+    res = run(data_dir, out, **kw)
+    assert res["iters"] == [3, 4, 5, 6] and res["losses"] == ref["losses"][2:]
+    assert_checkpoints_consistent(out, 6, 6)
+
+
+@pytest.mark.slow
+def test_train_cli_mistakes(tmp_path, data_dir, pausing_train):
+    """Each mistake: ConfigError in-process, one line and exit code 2 from the CLI, before any work.
+    Also through the CLI: a finished run (exit code 0, nothing done) and a full disk (one line)."""
+    done = tmp_path / "done"                                     # a finished run
+    run(data_dir, done, **scratch(max_iters=4, eval_interval=2))
+    finished = checkpoint_files(done)
+    for copy in ("done_copy", "done_copy2"):          # a copy of a run is the same run
+        shutil.copytree(done, tmp_path / copy)
+    weights_only = tmp_path / "weights_only"
+    GPT(GPTConfig(n_layer=1, n_head=2, n_embd=32, vocab_size=VOCAB, block_size=32)).save_checkpoint(
+        str(weights_only / "ckpt_last.pt"))
+    junk = tmp_path / "junk"                                     # random bytes of the right size
+    shutil.copytree(data_dir, junk)
+    size = os.path.getsize(junk / "train.bin")
+    (junk / "train.bin").write_bytes(np.random.default_rng(0).bytes(size))
+    bad_config = tmp_path / "bad_config.py"
+    bad_config.write_text("batch_size = 4\nlearning_rate = 1e-3 *\n")
+    new = scratch(max_iters=4, eval_interval=2)
+
+    def args(out="out", config=None, **kw):
+        kw = {"data_dir": data_dir, **new, **kw}
+        return ([str(config)] if config else []) + run_argv(kw.pop("data_dir"), tmp_path / out, **kw)
+
+    cases = [      # (arguments, the error, whether to run it as a process too)
+        (args(batch_size=0), "batch_size=0 must be at least 1", False),
+        (args(gradient_accumulation_steps=0), "gradient_accumulation_steps=0 must be at least 1", False),
+        (args(eval_interval=0), "eval_interval=0 must be at least 1", False),
+        (args(log_interval=0), "log_interval=0 must be at least 1", False),
+        (args(learning_rate=-1), "learning_rate=-1.0 must be > 0", False),
+        (args(max_iters=-5), "max_iters=-5 must be >= 0", False),
+        (args(device="gpu"), "device='gpu' is not a device; use auto, cpu", False),
+        (args(learning_rat=1e-3), "unknown config key 'learning_rat' in the command line. Did you mean learning_rate",
+         False),
+        (args(mlp="kron", kron_shape=(4, 2, 2)), "kron_shape=(4, 2, 2) must be a pair of positive integers", False),
+        (args(config=bad_config), f"config file {bad_config}, line 2: SyntaxError", True),
+        (args(init_from=str(tmp_path / "no_such.pt")), f"no such file or directory: '{tmp_path / 'no_such.pt'}'",
+         False),
+        # the data does not fit: found once the data is opened
+        (args("out_data", block_size=1000), "fewer than block_size + 2 = 1002; use a smaller block_size", False),
+        (args("out_data", data_dir=str(junk)), f"{junk}/train.bin is not the file meta.json was written with", True),
+        (args("weights_only", init_from="resume"),
+         f"{weights_only / 'ckpt_last.pt'} holds weights only (no optimizer state or iteration), so it cannot be "
+         f"resumed; start a new run from it with --init_from={weights_only / 'ckpt_last.pt'}", False),
+        (args("done_copy", init_from="resume", decay_factors=False),
+         f"cannot resume {tmp_path / 'done_copy'} with another model configuration or optimizer structure "
+         "(decay_factors: True -> False)", False),
+    ]
+    for argv, message, _ in cases:
+        with pytest.raises(train.ConfigError) as e:
+            train.main(argv)
+        assert message in str(e.value) and "\n" not in str(e.value), (message, str(e.value))
+    assert not os.path.exists(tmp_path / "out") and os.listdir(tmp_path / "out_data") == [storage.RunLock.NAME]
+    procs = [train_process("train.py", argv) for argv, _, as_process in cases if as_process]
+    # the finished run: the same command says so and exits 0; a full disk: one line, exit code 1
+    again = train_process("train.py", args("done_copy2"))
+    disk = train_process(pausing_train, args("full"), FULL_DISK="ckpt_best.pt:1")
+    for proc, message in zip(procs, [m for _, m, as_process in cases if as_process]):
+        proc = finish(proc)
+        assert_one_line_error(proc, message)
+    again = finish(again)
+    assert again.returncode == 0 and again.stderr == "", again.stderr
+    assert f"the run in {tmp_path / 'done_copy2'} is finished (iteration 4 of 4" in again.stdout
+    assert "iter 1:" not in again.stdout
+    assert all(sha(tmp_path / "done_copy2" / n) == finished[n] for n in CHECKPOINTS)
+    assert_one_line_error(finish(disk), f"error: no space left on the device while writing "
+                                        f"{tmp_path / 'full' / 'ckpt_best.pt'}; the previous version", code=1)
+    assert not leftovers(tmp_path)
+    assert checkpoint_files(tmp_path / "done_copy") == finished and checkpoint_files(done) == finished

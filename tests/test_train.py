@@ -1,7 +1,6 @@
 """train.py end to end on CPU with tiny models and tiny data: loss drops, checkpoints,
 exact resume, gradient accumulation, DDP (gloo), configs, and clear errors for bad input."""
 import glob
-import hashlib
 import os
 import subprocess
 import sys
@@ -10,59 +9,10 @@ import numpy as np
 import pytest
 import torch
 
-import data
 from data import TokenData
 import train
-from conftest import ROOT, make_tiny_hf
+from conftest import ROOT, VOCAB, argv, kron_run, run, scratch, sha   # and the fixtures data_dir, hf_dir
 from model import GPT, GPTConfig, load_checkpoint
-
-VOCAB = 64       # tiny data uses token ids < 64 (the tiny GPT-2 still has the full 50257 vocabulary)
-
-
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-    """train.bin / val.bin of a learnable sequence: a few repeated 'sentences' with noise."""
-    d = tmp_path_factory.mktemp("tinydata")
-    rng = np.random.default_rng(0)
-    sentences = [rng.integers(0, VOCAB, size=rng.integers(5, 12)) for _ in range(8)]
-    splits = {split: np.concatenate([sentences[i] for i in rng.integers(0, len(sentences), size=n)])
-              for split, n in (("train", 600), ("val", 100))}
-    data.write_token_files(str(d), splits, vocab_size=VOCAB)    # bins + the meta.json TokenData checks
-    return str(d)
-
-
-@pytest.fixture(scope="module")
-def hf_dir(tmp_path_factory):
-    d = str(tmp_path_factory.mktemp("tiny_hf"))
-    make_tiny_hf(d, n_layer=2, n_embd=32, n_head=2, n_positions=64)
-    return d
-
-
-def argv(**kw):
-    return [f"--{k}={v!r}" for k, v in kw.items()]
-
-
-def run(data_dir, out_dir, **kw):
-    """train.main with a tiny, fast, deterministic base config."""
-    base = dict(data_dir=data_dir, out_dir=str(out_dir), device="cpu", dtype="float32", batch_size=4,
-                gradient_accumulation_steps=1,
-                block_size=32, max_iters=20, eval_interval=10, eval_iters=2, log_interval=1,
-                learning_rate=3e-3, decay_lr=False, warmup_iters=0, eval_at_start=False)
-    return train.main(argv(**{**base, **kw}))
-
-
-def kron_run(data_dir, hf_dir, out_dir, **kw):
-    return run(data_dir, out_dir, **{"init_from": hf_dir, "mlp": "kron", "kron_shape": (64, 16),
-                                     "kron_init": "vl-norm", **kw})
-
-
-def scratch(**kw):
-    return dict(init_from="scratch", n_layer=1, n_head=2, n_embd=32, vocab_size=VOCAB, **kw)
-
-
-def sha(path):
-    with open(path, "rb") as f:
-        return hashlib.sha256(f.read()).hexdigest()
 
 
 def test_end_to_end_vl_norm(data_dir, hf_dir, tmp_path):
