@@ -292,21 +292,21 @@ class Trainer:
                 f"--gradient_accumulation_steps={dist.world} "
                 f"--batch_size={max(1, cfg.gradient_accumulation_steps * cfg.batch_size // dist.world)}")
         self.accum = cfg.gradient_accumulation_steps // dist.world        # micro-steps of this process
-        if cfg.init_from not in ("scratch", "resume"):
-            try:                                    # what init_from names, and the shapes on it, before any work
-                cfg.model_config()
+        # what init_from and distill_from name (and the factor shapes on init_from's matrices), before
+        # any work and before out_dir is touched
+        for key in ("init_from", "distill_from"):
+            try:
+                if key == "init_from" and cfg.init_from not in ("scratch", "resume"):
+                    cfg.model_config()
+                elif key == "distill_from" and cfg.distill_from:
+                    resolve_model(cfg.distill_from)
             except FileNotFoundError as e:
-                raise ConfigError(f"init_from={cfg.init_from!r}: {e}") from None
+                raise ConfigError(f"{key}={getattr(cfg, key)!r}: {e}") from None
         try:
             self.device = runtime.pick_device(cfg.device, dist.local_rank)
         except ValueError as e:
             raise ConfigError(str(e)) from None
         self.dtype = runtime.pick_dtype(cfg.dtype, self.device, self.log)
-        if cfg.init_from not in ("scratch", "resume"):
-            try:
-                resolve_model(cfg.init_from)     # a typo'd path or name fails here, before out_dir is touched
-            except FileNotFoundError as e:
-                raise ConfigError(str(e)) from None
         self.stored = {**cfg.flat(), "dtype_used": runtime.dtype_name(self.dtype), "world_size": dist.world}
         ckpt = self.claim_out_dir()
         self.log("resolved config:\n" + "\n".join(f"  {k} = {v!r}" for k, v in self.stored.items()))
@@ -415,6 +415,9 @@ class Trainer:
         if ckpt.get("scaler"):
             self.scaler.load_state_dict(ckpt["scaler"])
         self.iter_num, self.best_val_loss = ckpt["iter_num"], ckpt["best_val_loss"]
+        if os.path.isfile(self.ckpt_best):      # a kill between the two writes leaves the best one newer
+            best = load_checkpoint(self.ckpt_best, mmap=True).get("best_val_loss", self.best_val_loss)
+            self.best_val_loss = min(self.best_val_loss, best)
         self.history, self.train_seconds = list(ckpt.get("history", [])), ckpt.get("train_seconds", 0.0)
         self.data_gen.set_state(ckpt["data_rng"])
         if self.dist.world == 1 and "torch_rng" in ckpt:
@@ -709,12 +712,12 @@ def main(argv: list[str] | None = None) -> dict:
 if __name__ == "__main__":
     try:
         main(sys.argv[1:])
-    except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
     except storage.DiskFull as e:
         sys.exit(f"error: {e.strerror}")
-    except (TrainError, FileNotFoundError) as e:
+    except (ConfigError, FileNotFoundError) as e:     # a wrong key or value, a missing file: exit 2, as argparse
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except TrainError as e:
         sys.exit(f"error: {e}")
     except KeyboardInterrupt:
         sys.exit("interrupted; the checkpoints are intact: run the same command to resume")
