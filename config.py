@@ -153,6 +153,24 @@ class TrainConfig:
         return {**MODEL_DEFAULTS, **self.model, **d}
 
 
+# --help for the model keys (GPTConfig's fields; model.py says more)
+MODEL_HELP = {
+    "vocab_size": "tokens of the vocabulary", "n_layer": "transformer blocks", "n_head": "attention heads",
+    "n_embd": "width of the residual stream", "dropout": "dropout probability", "bias": "biases in linears and LayerNorms",
+    "layer_norm_epsilon": "LayerNorm epsilon",
+    "untied_head": "the output matrix a trained copy of the embedding (KnGPT-2, TQCompressedGPT2) instead of tied",
+    "mlp": "MLP method: dense | kron | lowrank | shared",
+    "kron_shape": "A (m1, n1) for c_fc (4 n_embd, n_embd); c_proj uses (n1, m1). Or set kron_b_shape",
+    "kron_b_shape": "B (m2, n2) for c_fc, e.g. (2, 2) for the 81M class at any width; c_proj uses (n2, m2)",
+    "kron_factors": "Kronecker factors k per matrix", "kron_scalars": "one trained scalar per factor",
+    "kron_init": "vl | vl-norm | prune | random, when compressing a trained model",
+    "kron_sparse": "also keep the largest fraction p of the residual W - W_hat as sparse values",
+    "prune_b_second": "prune's B = [1, prune_b_second]: the paper's text 0.1, its original code 0",
+    "kron_permute": "None | 'hidden' | 'hidden+residual': free permutations that lower the Van Loan error first",
+    "lowrank_rank": "rank of lowrank, basis size of shared (`python lowrank.py plan-rank`)",
+    "share_group": "shared: consecutive layers per basis",
+    "compress_targets": "list of dicts choosing any linears and layers to compress (see model.check_target)",
+}
 TRAIN_KEYS = tuple(f.name for f in fields(TrainConfig) if f.name != "model")
 MODEL_KEYS = tuple(f.name for f in fields(GPTConfig) if f.name != "block_size")
 MODEL_DEFAULTS = {f.name: f.default for f in fields(GPTConfig) if f.default is not MISSING and f.name != "block_size"}

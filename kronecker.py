@@ -6,7 +6,9 @@ Kronecker factors and the layer built from them:
 - KronLinear: a linear layer whose weight is sum_i s_i A_i (x) B_i, applied
   without ever materialising the full weight (plus an optional sparse residual),
 - the initialisations of the Krony-PT paper (vl, vl-norm, prune, random),
-- the fast paths KronLinear takes, chosen by shape.
+- the fast paths KronLinear takes, chosen by shape,
+- the search for free permutations (of hidden units, of the residual stream) that lower the
+  Van Loan error before compressing.
 
 `python kronecker.py plan` lists the valid shapes with their model sizes (sizes.py counts them).
 
@@ -22,14 +24,17 @@ as an (n1, n2) matrix X (row-major), (A (x) B) x = vec(A X B^T).
 from __future__ import annotations
 
 import contextlib
+import itertools
 import math
 import os
 import sys
+from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from einops import rearrange
+from scipy.optimize import linear_sum_assignment
 
 INITS = ("vl", "vl-norm", "prune", "random")
 SVD_METHODS = ("exact", "randomized")
@@ -676,6 +681,310 @@ def kron_matmul_bmm(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, bias: tor
     for i in range(1, A.shape[0]):
         y = y + KronBmm.apply(x, A[i], B[i], None, a_first)
     return y
+
+
+# -----------------------------------------------------------------------------
+# Free permutations before Van Loan
+#
+# A dense MLP computes the same function with its hidden units in any order (GELU acts on each
+# alone), and a dense GPT with its residual-stream features in any order applied to every layer
+# at once (LayerNorm's mean and variance do not depend on it). The Van Loan error does depend on
+# the order: unit h sits at block position (h // P2, h % P2). The search below looks for the order
+# under which the matrices are closest to sums of k Kronecker products, for the init that will be
+# used. model.py applies what it finds to a GPT before compressing it; at run time it costs nothing.
+#
+# Each search alternates (1) Van Loan at the current order with (2) assigning every unit to the
+# position whose approximation it is closest to (a linear assignment problem), from the identity
+# and from a structured start (units grouped by shared column / row spaces), and keeps the best
+# order seen.
+
+PERMUTATION_OBJECTIVES = ("vl", "vl-norm")
+# The structured start tries every order of each group of units (see _orient_groups) up to
+# this many units per group (4! = 24 orders)
+MAX_ORIENTED_GROUP = 4
+
+
+@dataclass
+class PermutationSearch:
+    """What a search found. perm (LongTensor) reorders the permuted axis: position p
+    holds original index perm[p]. errors_*: the relative Frobenius error of each matrix
+    with the objective's approximation, at the identity order and at perm.
+    start: which start the best order came from ("identity" or "structured")."""
+    perm: torch.Tensor
+    errors_before: list[float]
+    errors_after: list[float]
+    iterations: int = 0
+    start: str = "identity"
+
+    @property
+    def total_before(self) -> float:
+        return sum(self.errors_before)
+
+    @property
+    def total_after(self) -> float:
+        return sum(self.errors_after)
+
+
+@dataclass
+class PermutationTerm:
+    """One matrix in a permutation search: W (out, in), to be decomposed with A of a_shape and B of
+    b_shape into k factors for the init `objective` ("vl" or "vl-norm"), and the axis (0: rows,
+    1: columns) the permutation acts on.
+
+    Index i along that axis sits at block position (i // P2, i % P2), (P1, P2) = (A, B)'s
+    sizes along the axis; the other axis has sizes (s1, s2). Unit i's slice of W, read as an
+    (s1, s2) matrix, is then sum_k a_k b_k^T with a_k from A_k (depends on the first position
+    only) and b_k from B_k (the second only)."""
+    W: torch.Tensor
+    a_shape: tuple[int, int]
+    b_shape: tuple[int, int]
+    axis: int
+    k: int = 1
+    objective: str = "vl-norm"
+
+    @property
+    def positions(self) -> tuple[int, int]:
+        return self.a_shape[self.axis], self.b_shape[self.axis]
+
+    def rows(self) -> torch.Tensor:
+        """W with the permuted axis first: (N, s1*s2)."""
+        return self.W if self.axis == 0 else self.W.t()
+
+    def units(self) -> torch.Tensor:
+        """(N, s1, s2): each unit's slice as a matrix."""
+        return self.rows().reshape(-1, self.a_shape[1 - self.axis], self.b_shape[1 - self.axis])
+
+
+def _check_objective(objective: str) -> None:
+    if objective not in PERMUTATION_OBJECTIVES:
+        raise ValueError(f"unknown permutation objective {objective!r}; "
+                         f"choose one of {', '.join(PERMUTATION_OBJECTIVES)}")
+
+
+def kron_approximation(W: torch.Tensor, a_shape: tuple[int, int], k: int = 1,
+                       objective: str = "vl-norm", svd: str = "exact") -> torch.Tensor:
+    """The dense init a compression would start from: the Van Loan sum of k products,
+    scaled by alpha = ||W|| / ||W_hat|| for "vl-norm" (as KronLinear.init_from_weight)."""
+    W_hat = kron_sum(*kron_decompose(W, a_shape, k, method=svd))
+    if objective == "vl-norm":
+        W_hat = W_hat * (W.norm() / W_hat.norm().clamp_min(1e-12))
+    return W_hat
+
+
+def relative_error(W: torch.Tensor, a_shape: tuple[int, int], k: int = 1, objective: str = "vl-norm",
+                   svd: str = "exact") -> float:
+    """||W - W_hat|| / ||W|| for the objective's approximation W_hat."""
+    W = W if W.dtype == torch.float64 else W.float()
+    return ((W - kron_approximation(W, a_shape, k, objective, svd)).norm() / W.norm().clamp_min(1e-12)).item()
+
+
+# -----------------------------------------------------------------------------
+# The alternating search: Van Loan at a fixed order, then the best order for fixed factors
+
+def _evaluate(terms: list[PermutationTerm], perm: torch.Tensor,
+              svd: str = "exact") -> tuple[list[float], list[torch.Tensor]]:
+    """Decompose every matrix at the order `perm`: relative errors and approximations."""
+    errors, approximations = [], []
+    for t in terms:
+        W = t.W.index_select(t.axis, perm)
+        W_hat = kron_approximation(W, t.a_shape, t.k, t.objective, svd)
+        errors.append(((W - W_hat).norm() / W.norm().clamp_min(1e-12)).item())
+        approximations.append(W_hat)
+    return errors, approximations
+
+
+def _assignment_cost(terms: list[PermutationTerm], approximations: list[torch.Tensor]) -> torch.Tensor:
+    """cost[u, p] for moving original index u to position p while the approximations stay
+    fixed: sum over matrices of ||X[u] - X_hat[p]||^2 = ||X[u]||^2 + ||X_hat[p]||^2 - 2 X[u].X_hat[p]
+    (X: W with its permuted axis first). Every assignment pays each ||X[u]||^2 and each
+    ||X_hat[p]||^2 exactly once, so only the products decide which is best; leaving the norms
+    out keeps the optimum and makes linear_sum_assignment converge much faster."""
+    cost = 0
+    for t, W_hat in zip(terms, approximations):
+        X, X_hat = t.rows(), (W_hat if t.axis == 0 else W_hat.t())                  # (N, F) both
+        cost = cost - 2 * (X @ X_hat.t()).double()                                   # (N, N)
+    return cost
+
+
+def _assign(cost: torch.Tensor) -> torch.Tensor:
+    """The permutation of least total cost[u, p]: perm[p] = the u assigned to position p."""
+    units, positions = linear_sum_assignment(cost.cpu().numpy())
+    perm = torch.empty(cost.shape[0], dtype=torch.long)
+    perm[torch.from_numpy(positions)] = torch.from_numpy(units)
+    return perm.to(cost.device)
+
+
+def _alternate(terms: list[PermutationTerm], start: torch.Tensor, svd: str,
+               max_iters: int, tol: float) -> tuple[torch.Tensor, list[float], int]:
+    """From the order `start`, alternate Van Loan at the current order with moving every
+    index to the position whose approximation it is closest to, while the summed relative
+    error drops by more than tol (relative). For "vl" neither step can raise the summed
+    squared error: the assignment is optimal for fixed approximations, Van Loan for a fixed
+    order. Returns the best order seen, its errors and the iterations run."""
+    best = start
+    best_errors, approximations = _evaluate(terms, start, svd)
+    iterations = 0
+    while iterations < max_iters:
+        iterations += 1
+        perm = _assign(_assignment_cost(terms, approximations))
+        errors, approximations = _evaluate(terms, perm, svd)
+        if sum(errors) >= sum(best_errors) * (1 - tol):
+            break
+        best, best_errors = perm, errors
+    return best, best_errors, iterations
+
+
+# -----------------------------------------------------------------------------
+# A structured start: the alternation above keeps whatever grouping it starts from (each
+# row of A is fit to the few units that share it, so they stay together). Units that belong
+# together share their column space (same first position: span of the a_k) or their row space
+# (same second position: span of the b_k), whatever their scale, so group them by that first.
+
+def _top_subspace(S: torch.Tensor, k: int) -> torch.Tensor:
+    """S (..., s, c) -> an orthonormal basis (..., s, min(k, s, c)) of the span of its top-k
+    left singular vectors. Through the eigenvectors of the smaller Gram matrix (in float64):
+    batches of thin matrices are many times faster that way than through an SVD each."""
+    s, c = S.shape[-2:]
+    r = min(k, s, c)
+    S64 = S.double()
+    wide = s <= c
+    lam, E = torch.linalg.eigh(S64 @ S64.mT if wide else S64.mT @ S64)    # ascending eigenvalues
+    lam, E = lam[..., -r:], E[..., -r:]
+    U = E if wide else (S64 @ E) * lam.clamp_min(1e-300).rsqrt()[..., None, :]   # U = S V / sigma
+    # directions without energy (a slice of rank < k) would be arbitrary: zeros instead
+    keep = lam > 1e-12 * lam[..., -1:].clamp_min(1e-300)
+    return (U * keep[..., None, :]).to(S.dtype)
+
+
+def _captured(M: torch.Tensor, Q: torch.Tensor) -> torch.Tensor:
+    """||Q_p^T M_u||^2 for M (N, s, c) and bases Q (P, s, r): the energy of each unit's columns
+    inside each subspace, (N, P), as one matrix product."""
+    N, s, c = M.shape
+    P, _, r = Q.shape
+    Z = M.transpose(1, 2).reshape(N * c, s) @ Q.permute(1, 0, 2).reshape(s, P * r)   # (N*c, P*r)
+    return Z.view(N, c, P, r).square().sum((1, 3))
+
+
+def _spread_seeds(units: list[torch.Tensor], ks: list[int], count: int) -> torch.Tensor:
+    """`count` units whose column spaces are far apart, farthest first: each next seed is the
+    unit whose slices the seeds so far capture the smallest fraction of (k-means++ without
+    the randomness). Units that belong together share a column space, so on structured
+    weights every group gets one seed; seeding from an arbitrary order would give some
+    groups two and others none."""
+    norms = sum(M.square().sum((1, 2)) for M in units).clamp_min(1e-30)
+    bases = [_top_subspace(M, k) for M, k in zip(units, ks)]   # (N, s1, r): each unit's column space
+    columns = [M.transpose(1, 2).reshape(-1, M.shape[1]) for M in units]   # (N*s2, s1), copied once
+    missed = torch.ones_like(norms)                  # fraction of each unit no seed captures
+    seeds = [int(norms.argmax())]
+    while len(seeds) < count:
+        captured = sum((X @ Q[seeds[-1]]).view(len(norms), -1).square().sum(1)
+                       for X, Q in zip(columns, bases))
+        missed = torch.minimum(missed, 1 - captured / norms)
+        missed[seeds[-1]] = -1                       # never twice
+        seeds.append(int(missed.argmax()))
+    return torch.tensor(seeds, device=norms.device)
+
+
+def _subspace_start(units: list[torch.Tensor], ks: list[int], positions: tuple[int, int],
+                    max_iters: int) -> torch.Tensor:
+    """An order grouping units by shared column and row spaces: a balanced two-way subspace
+    clustering, solved as an assignment. Position (p1, p2) has a column basis Qa[p1] and a
+    row basis Qb[p2]; each unit goes where its slices keep the most energy, subject to one
+    unit per position. The first bases come from spread-out single units (_spread_seeds),
+    the next ones from the groups of the previous assignment."""
+    P1, P2 = positions
+    N = P1 * P2
+    uses_a = any(M.shape[1] > k for M, k in zip(units, ks))      # else every span is the whole space
+    uses_b = any(M.shape[2] > k for M, k in zip(units, ks))
+    seeds_a = _spread_seeds(units, ks, P1) if uses_a else None
+    seeds_b = _spread_seeds([M.transpose(1, 2) for M in units], ks, P2) if uses_b else None
+    perm, best = None, None
+    for it in range(max_iters):
+        gain = torch.zeros(N, P1, P2, dtype=torch.float64, device=units[0].device)
+        for M, k in zip(units, ks):
+            _, s1, s2 = M.shape
+            G = None if perm is None else M[perm].view(P1, P2, s1, s2)   # units at their positions
+            if s1 > k:
+                S = M[seeds_a] if G is None else G.permute(0, 2, 1, 3).reshape(P1, s1, P2 * s2)
+                gain += _captured(M, _top_subspace(S, k)).double()[:, :, None]
+            if s2 > k:
+                S = M[seeds_b].transpose(1, 2) if G is None else G.permute(1, 3, 0, 2).reshape(P2, s2, P1 * s1)
+                gain += _captured(M.transpose(1, 2), _top_subspace(S, k)).double()[:, None, :]
+        cost = -gain.view(N, N)
+        new = _assign(cost)
+        total = cost[new, torch.arange(N, device=new.device)].sum().item()
+        if best is not None and total >= best - abs(best) * 1e-9:
+            break
+        perm, best = new, total
+    return perm
+
+
+def _orient_groups(units: list[torch.Tensor], ks: list[int], positions: tuple[int, int],
+                   perm: torch.Tensor, max_iters: int) -> torch.Tensor:
+    """Within each group of P2 units sharing a first position, try every order and keep the one
+    whose slices lie best in the B side of the current factors. Subspaces carry no scale, so the
+    structured start cannot tell (x, 0.1 x) from (0.1 x, x); half the groups come out reversed,
+    the Van Loan B of that order averages both ways, and the alternation, whose A refits each
+    group, sees no difference between them. The first B comes from the single most Kronecker-like
+    group (the one with most of its energy in k singular values), the next ones from all groups."""
+    P1, P2 = positions
+    if not 1 < P2 <= MAX_ORIENTED_GROUP:
+        return perm
+    orders = torch.tensor(list(itertools.permutations(range(P2))), device=perm.device)   # (n_orders, P2)
+    for it in range(max_iters):
+        energy = torch.zeros(P1, len(orders), dtype=torch.float64, device=perm.device)
+        for M, k in zip(units, ks):
+            _, s1, s2 = M.shape
+            G = M[perm].view(P1, P2, s1, s2)
+            Y = G.permute(0, 2, 1, 3).reshape(P1, s1, P2 * s2)             # each group's slice of R(W)
+            if it == 0:
+                Y64 = Y.double()
+                gram = Y64.mT @ Y64 if Y.shape[1] >= Y.shape[2] else Y64 @ Y64.mT   # the smaller one
+                energy_k = torch.linalg.eigvalsh(gram)[:, -k:].sum(1)                 # top-k energy
+                Y_ref = Y[(energy_k / Y64.square().sum((1, 2)).clamp_min(1e-300)).argmax()]
+            else:
+                Y_ref = Y.reshape(P1 * s1, P2 * s2)
+            V = _top_subspace(Y_ref.mT, k).reshape(P2, s2, -1)           # right singular vectors
+            Z = torch.einsum("gqsv,pvk->gqpsk", G, V)     # unit q of group g placed at p, on the B side
+            placed = Z[:, orders, torch.arange(P2, device=perm.device)]       # (P1, n_orders, P2, s1, k)
+            energy += placed.sum(2).square().sum((2, 3)).double()
+        new = perm.view(P1, P2).gather(1, orders[energy.argmax(1)]).view(-1)
+        if torch.equal(new, perm):
+            break
+        perm = new
+    return perm
+
+
+def permutation_search(terms: list[PermutationTerm], structured: bool = True, svd: str = "exact",
+                       max_iters: int = 20, tol: float = 1e-4) -> PermutationSearch:
+    """An order of the units along the terms' permuted axes (one order for all of them) that lowers
+    their summed Van Loan error: the alternating search from the identity and, with structured=True,
+    from the structured start; the better of the two, never worse than the identity. Every term
+    must put its units at the same (P1, P2) block positions. tol: the least relative drop of the
+    summed error an iteration must bring; svd="randomized": faster for large B, approximate."""
+    for t in terms:
+        _check_objective(t.objective)
+    terms = [PermutationTerm(t.W if t.W.dtype == torch.float64 else t.W.float(), t.a_shape, t.b_shape, t.axis, t.k,
+                             t.objective) for t in terms]
+    positions = terms[0].positions
+    if any(t.positions != positions for t in terms):
+        raise ValueError("the matrices of one permutation must put their units at the same block positions, got "
+                         + ", ".join(str(t.positions) for t in terms))
+    identity = torch.arange(positions[0] * positions[1], device=terms[0].W.device)
+    before, _ = _evaluate(terms, identity, svd)
+    if min(positions) == 1:                  # the order only permutes A's or B's rows (columns)
+        return PermutationSearch(identity.cpu(), before, before)
+    perm, errors, iterations = _alternate(terms, identity, svd, max_iters, tol)
+    found = PermutationSearch(perm, before, errors, iterations, "identity")
+    units, ks = [t.units() for t in terms], [t.k for t in terms]
+    if structured and any(s > k for M, k in zip(units, ks) for s in M.shape[1:]):
+        start = _subspace_start(units, ks, positions, max_iters)
+        start = _orient_groups(units, ks, positions, start, max_iters)
+        perm, errors, more = _alternate(terms, start, svd, max_iters, tol)
+        if sum(errors) < found.total_after:
+            found = PermutationSearch(perm, before, errors, iterations + more, "structured")
+    found.perm = found.perm.cpu()
+    return found
 
 
 if __name__ == "__main__":

@@ -21,7 +21,8 @@ import torch.nn as nn
 from torch.nn import functional as F
 
 import storage
-from kronecker import INITS, KronLinear, a_shape_for, b_shape_for, frozen_kron_weights, swap_hidden_order
+from kronecker import (INITS, KronLinear, PermutationTerm, a_shape_for, b_shape_for, frozen_kron_weights,
+                       permutation_search, relative_error, swap_hidden_order)
 from lowrank import LowRankLinear, SharedBasisLinear, init_shared_group, tie_bases
 
 LINEAR_NAMES = ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")  # the linears of a Block
@@ -708,11 +709,149 @@ def format_report(report: list[LayerReport]) -> str:
     return "\n".join(lines)
 
 
+# -----------------------------------------------------------------------------
+# Free permutations before Van Loan: the same dense model, reordered where that costs nothing
+
+@dataclass
+class Permutations:
+    """Orders for a dense GPT: one per MLP's hidden units, one for the residual stream."""
+    hidden: list[torch.Tensor]
+    residual: torch.Tensor
+
+
+def _reorder_(t: torch.Tensor | None, perm: torch.Tensor, dim: int) -> None:
+    """t's entries along dim in the order perm, in place (the same tensor object: ties follow)."""
+    if t is not None:
+        t.copy_(t.index_select(dim, perm.to(t.device)))
+
+
+def _dense_linears(model: GPT, names=LINEAR_NAMES) -> list[nn.Linear]:
+    layers = [block.get_submodule(n) for block in model.transformer.h for n in names]
+    if not all(isinstance(m, nn.Linear) for m in layers):
+        raise ValueError("permutations are applied to a dense GPT, before compressing it")
+    return layers
+
+
+@torch.no_grad()
+def permute_hidden_(model: GPT, layer: int, perm: torch.Tensor) -> None:
+    """Reorder one MLP's hidden units: rows of c_fc and its bias, columns of c_proj. The
+    function is unchanged (GELU acts on each unit alone)."""
+    mlp = model.transformer.h[layer].mlp
+    _dense_linears(model, ("mlp.c_fc", "mlp.c_proj"))
+    _reorder_(mlp.c_fc.weight, perm, 0)
+    _reorder_(mlp.c_fc.bias, perm, 0)
+    _reorder_(mlp.c_proj.weight, perm, 1)
+
+
+@torch.no_grad()
+def permute_residual_(model: GPT, perm: torch.Tensor) -> None:
+    """Reorder the residual-stream features of every layer at once: what writes to the stream
+    (embeddings, attn.c_proj, mlp.c_proj: output rows and biases), what reads it (c_attn, c_fc:
+    input columns, the output matrix) and every LayerNorm. The function is unchanged (a LayerNorm's
+    mean and variance do not depend on the order)."""
+    t = model.transformer
+    _dense_linears(model)
+    _reorder_(t.wte.weight, perm, 1)
+    if model.lm_head.weight is not t.wte.weight:
+        _reorder_(model.lm_head.weight, perm, 1)
+    _reorder_(t.wpe.weight, perm, 1)
+    for norm in [t.ln_f] + [ln for block in t.h for ln in (block.ln_1, block.ln_2)]:
+        _reorder_(norm.weight, perm, 0)
+        _reorder_(norm.bias, perm, 0)
+    for block in t.h:
+        for reader in (block.attn.c_attn, block.mlp.c_fc):
+            _reorder_(reader.weight, perm, 1)
+        for writer in (block.attn.c_proj, block.mlp.c_proj):
+            _reorder_(writer.weight, perm, 0)
+            _reorder_(writer.bias, perm, 0)
+
+
+def permutation_terms(model: GPT, config: GPTConfig, hidden_of: int | None) -> list[PermutationTerm]:
+    """The matrices a search lowers the error of: the Kronecker MLP matrices `config` initialises
+    with Van Loan, of layer `hidden_of` (its hidden units: c_fc's rows, c_proj's columns) or of
+    every layer (the residual stream: c_fc's columns, c_proj's rows)."""
+    terms = []
+    layers = range(config.n_layer) if hidden_of is None else [hidden_of]
+    for i in layers:
+        for name, hidden_axis in (("mlp.c_fc", 0), ("mlp.c_proj", 1)):
+            spec = linear_spec(config, i, name)
+            if spec["method"] != "kron" or spec["kron_init"] not in ("vl", "vl-norm"):
+                continue
+            W = model.transformer.h[i].get_submodule(name).weight.detach().float()
+            a = kron_a_shape(spec, *W.shape)
+            b = b_shape_for(tuple(W.shape), a, spec["kron_factors"])
+            axis = hidden_axis if hidden_of is not None else 1 - hidden_axis
+            terms.append(PermutationTerm(W, a, b, axis, spec["kron_factors"], spec["kron_init"]))
+    return terms
+
+
+def search_permutations(model: GPT, config: GPTConfig, residual: bool, svd: str = "exact",
+                        max_rounds: int = 10, tol: float = 1e-4) -> Permutations:
+    """Orders for every MLP's hidden units (and, with residual, the residual stream) that lower the
+    summed Van Loan error of the Kronecker MLP matrices `config` asks for. The hidden and residual
+    searches alternate, each from the order the other left, while the sum drops by more than tol
+    (relative); the first round runs the one that gains more first (an order found while the other
+    axis is still shuffled would hide the structure from it). `model` is not changed."""
+    work = deepcopy(model).float()
+    n = config.n_layer
+    found = Permutations([torch.arange(4 * config.n_embd) for _ in range(n)], torch.arange(config.n_embd))
+
+    def total() -> float:
+        return sum(relative_error(t.W, t.a_shape, t.k, t.objective, svd)
+                   for i in range(n) for t in permutation_terms(work, config, i))
+
+    def hidden(structured: bool) -> tuple[float, list]:
+        results = [permutation_search(terms, structured, svd) if terms else None
+                   for terms in (permutation_terms(work, config, i) for i in range(n))]
+        return sum(r.total_before - r.total_after for r in results if r), results
+
+    def apply_hidden(results) -> None:
+        for i, r in enumerate(results):
+            if r is not None:
+                permute_hidden_(work, i, r.perm)
+                found.hidden[i] = found.hidden[i][r.perm]
+
+    def search_residual(structured: bool):
+        terms = permutation_terms(work, config, None)
+        return permutation_search(terms, structured, svd) if terms else None
+
+    def apply_residual(r) -> None:
+        if r is not None:
+            permute_residual_(work, r.perm)
+            found.residual = found.residual[r.perm]
+
+    current = total()
+    for round in range(max_rounds):
+        start = current
+        if round == 0 and residual:
+            gain, results = hidden(True)
+            res = search_residual(True)
+            if res is not None and res.total_before - res.total_after > gain:
+                apply_residual(res)
+                apply_hidden(hidden(True)[1])
+            else:
+                apply_hidden(results)
+                apply_residual(search_residual(True))
+        else:
+            apply_hidden(hidden(round == 0)[1])
+            if residual:
+                apply_residual(search_residual(False))
+        current = total()
+        if current >= start * (1 - tol):
+            break
+    return found
+
+
 def permuted(model: GPT, config: GPTConfig, svd: str = "exact") -> GPT:
-    """A copy of the dense `model` with its MLP hidden units (and, for "hidden+residual", its residual
-    stream) reordered so that the Van Loan approximation config asks for loses less. Exactly the same
-    function: the permutations are free."""
-    raise NotImplementedError("kron_permute is not implemented yet")
+    """A copy of the dense `model` with its MLP hidden units (and, for kron_permute="hidden+residual",
+    its residual stream) reordered so that the Van Loan approximations `config` asks for lose less.
+    The same function: the permutations are free, at init and at run time."""
+    found = search_permutations(model, config, residual=config.kron_permute == "hidden+residual", svd=svd)
+    new = deepcopy(model)
+    for i, perm in enumerate(found.hidden):
+        permute_hidden_(new, i, perm)
+    permute_residual_(new, found.residual)
+    return new
 
 
 # -----------------------------------------------------------------------------

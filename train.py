@@ -56,7 +56,7 @@ import torch.nn.functional as F
 import data
 import runtime
 import storage
-from config import (FIXED_ON_RESUME, MODEL_DEFAULTS, MODEL_KEYS, OWT_TOKENS, TRAIN_KEYS, ConfigError, TrainConfig,
+from config import (FIXED_ON_RESUME, MODEL_DEFAULTS, MODEL_HELP, MODEL_KEYS, OWT_TOKENS, TRAIN_KEYS, ConfigError, TrainConfig,
                     TrainError, config_diff, format_diff, resolve_config)
 from kronecker import KronLinear
 from model import (DIMENSIONS, GPT, GPTConfig, architecture, compress, format_report, load_checkpoint,
@@ -696,7 +696,7 @@ def main(argv: list[str] | None = None) -> dict:
     width = max(map(len, TRAIN_KEYS))
     helps = {f.name: f.metadata.get("help", "") for f in fields(TrainConfig)}
     keys = "\n".join(f"  {k:<{width}} = {getattr(TrainConfig(), k)!r:<20} {helps[k]}" for k in TRAIN_KEYS)
-    model_keys = "\n".join(f"  {k:<{width}} = {MODEL_DEFAULTS[k]!r}" for k in MODEL_KEYS)
+    model_keys = "\n".join(f"  {k:<{width}} = {MODEL_DEFAULTS[k]!r:<20} {MODEL_HELP.get(k, '')}" for k in MODEL_KEYS)
     p = argparse.ArgumentParser(prog="train.py", allow_abbrev=False, formatter_class=argparse.RawDescriptionHelpFormatter,
                                 description=__doc__, epilog=f"training keys and their defaults:\n{keys}\n\nmodel keys "
                                 f"(GPTConfig fields, see model.py; block_size is above):\n{model_keys}")
