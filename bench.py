@@ -16,6 +16,8 @@ Sections (--sections, comma-separated):
             same code and batch (random init, no download); one subprocess per model
   generate  tokens/s with the KV cache, dense vs Kronecker, and per-token time at two context lengths
   data      prepare_owt.py tokenisation throughput on ../shared/data/tinyshakespeare.txt repeated
+  distill   peak memory of train.py's training step with and without knowledge distillation (a dense
+            GPT-2 teacher, Krony-81M student), each a fresh `python train.py` process on random tokens
 
 Every speed-up is a ratio of two timings taken in the same run: warm-up first, then the median of
 --repeats timings, the candidates interleaved in shuffled order so that machine noise hits all alike.
@@ -40,11 +42,13 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+import runtime
 from kronecker import KronLinear, factored_macs, frozen_kron_weights, swap_hidden_order
 from model import GPT, GPTConfig, KVCache
+from runtime import sync
 
 REPO = os.path.dirname(os.path.abspath(__file__))
-SECTIONS = ("layer", "model", "generate", "data")
+SECTIONS = ("layer", "model", "generate", "data", "distill")
 # Table 1 of the paper: (A shape for c_fc (3072, 768), k); c_proj uses the transposed shapes.
 TABLE1 = [((64, 32), 1), ((128, 32), 1), ((1024, 256), 1), ((768, 768), 1), ((1536, 384), 1),
           ((1536, 768), 1), ((3072, 768), 1), ((1024, 256), 4)]
@@ -56,11 +60,6 @@ MODELS = {"gpt2-124M": None, "krony-81M": ((2, 2), 1), "krony-96M": ((2, 1), 1),
 
 # -----------------------------------------------------------------------------
 # Timing
-
-def sync(device: str) -> None:
-    if device == "cuda":
-        torch.cuda.synchronize()
-
 
 def race(fns: dict[str, Callable[[], None]], repeats: int, warmup: int, device: str) -> dict[str, float]:
     """Median seconds per call of each fn, calls interleaved in a fresh random order every round."""
@@ -82,9 +81,7 @@ def race(fns: dict[str, Callable[[], None]], repeats: int, warmup: int, device: 
 
 def autocast(device: str, dtype: str):
     """bf16 autocast (parameters stay float32, as in training), or nothing for float32."""
-    if dtype == "bfloat16":
-        return torch.autocast(device_type=device, dtype=torch.bfloat16)
-    return contextlib.nullcontext()
+    return runtime.autocast(device, runtime.DTYPES[dtype])
 
 
 def maybe_compile(module: nn.Module, compile: bool) -> nn.Module:
@@ -419,7 +416,7 @@ def bench_data(args) -> dict:
     docs = [p for p in text.split("\n\n") if p.strip()] * repeat
     if args.quick:
         docs = docs[:2000]
-    from prepare_owt import tokenize_batch
+    from data import tokenize_batch
     source = "prepare_owt.tokenize_batch (tiktoken GPT-2 BPE, one process)"
 
     def encode(batch: list[str]) -> int:
@@ -438,6 +435,58 @@ def data_table(r: dict) -> str:
                       "| corpus | documents | tokens | seconds | tokens/s | MB/s |", "|---|---|---|---|---|---|",
                       f"| {r['corpus']} x{r['repeat']} | {r['documents']:,} | {r['tokens']:,} | {r['seconds']:.2f} "
                       f"| {r['tokens_per_s']:,.0f} | {r['mb_per_s']:.2f} |"])
+
+
+# -----------------------------------------------------------------------------
+# Distillation section
+
+def bench_distill(args) -> dict:
+    """Peak memory of the same training run (Krony-81M from a dense GPT-2 teacher, 2 steps) with
+    distill_alpha 0 (plain cross-entropy), with the chunked KL, and with the KL plus the hidden-state
+    MSE: train.py's own run.json records each process's peak (CUDA allocated, or the process RSS)."""
+    import tempfile
+    import numpy as np
+    import data
+    size = dict(n_layer=2, n_head=2, n_embd=96, block_size=64) if args.quick else {}
+    config = GPTConfig(**size)
+    batch, seq = (2, 32) if args.quick else (args.distill_batch, config.block_size)
+    rows = []
+    with tempfile.TemporaryDirectory(dir=REPO, prefix=".bench-distill-") as tmp:
+        rng = np.random.default_rng(0)
+        data.write_token_files(os.path.join(tmp, "data"), {s: rng.integers(0, config.vocab_size, n)
+                               for s, n in (("train", 4 * batch * seq + 2), ("val", 2 * seq + 2))})
+        torch.manual_seed(0)
+        teacher = os.path.join(tmp, "teacher.pt")
+        GPT(config).save_checkpoint(teacher)
+        common = dict(data_dir=os.path.join(tmp, "data"), init_from=teacher, mlp="kron", kron_b_shape=(2, 2),
+                      batch_size=batch, block_size=seq, gradient_accumulation_steps=1, max_iters=2, eval_iters=0,
+                      always_save_checkpoint=False, device=args.device, dtype=args.dtype, eval_interval=2)
+        cases = [("cross-entropy only", {}), ("+ KL (chunked)", dict(distill_from=teacher, distill_alpha=0.5)),
+                 ("+ KL + hidden MSE", dict(distill_from=teacher, distill_alpha=0.5, distill_hidden=1.0))]
+        for name, extra in cases:
+            out = os.path.join(tmp, f"run{len(rows)}")
+            keys = {**common, **extra, "out_dir": out}
+            print(f"  {name} ...", file=sys.stderr, flush=True)
+            proc = subprocess.run([sys.executable, os.path.join(REPO, "train.py"), *(f"--{k}={v!r}" for k, v in keys.items())],
+                                  capture_output=True, text=True, cwd=REPO)
+            if proc.returncode != 0:
+                raise RuntimeError(f"train.py failed for {name}:\n{proc.stderr[-2000:]}")
+            with open(os.path.join(out, "run.json")) as f:
+                run = json.load(f)
+            rows.append(dict(case=name, peak_memory_mb=run["peak_memory_mb"], measure=run["peak_memory_of"],
+                             tokens_per_s=run["tokens_per_s"]))
+    for r in rows:
+        r["memory_ratio"] = r["peak_memory_mb"] / rows[0]["peak_memory_mb"]
+    return {"batch": batch, "seq": seq, "rows": rows}
+
+
+def distill_table(res: dict) -> str:
+    lines = [f"Krony-81M student, dense GPT-2 teacher, batch {res['batch']} x {res['seq']} tokens; "
+             f"memory: {res['rows'][0]['measure']}", "", "| objective | peak MB | vs cross-entropy | tokens/s |",
+             "|---|---|---|---|"]
+    lines += [f"| {r['case']} | {r['peak_memory_mb']:.0f} | {r['memory_ratio']:.2f}x | {r['tokens_per_s']:.0f} |"
+              for r in res["rows"]]
+    return "\n".join(lines)
 
 
 # -----------------------------------------------------------------------------
@@ -460,6 +509,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=2, help="untimed calls before timing")
     p.add_argument("--corpus", default=os.path.join(os.path.dirname(REPO), "shared", "data", "tinyshakespeare.txt"))
     p.add_argument("--corpus-repeat", type=int, default=8, help="data section: how many times to repeat the corpus")
+    p.add_argument("--distill-batch", type=int, default=4,
+                   help="distill section: sequences per step (of 1024 tokens; default 4, the paper's is 24)")
     p.add_argument("--quick", action="store_true", help="tiny settings for a smoke test (seconds, figures meaningless)")
     p.add_argument("--out", default="bench.json", help="JSON file for all results")
     p.add_argument("--worker-model", default=None, help=argparse.SUPPRESS)  # internal: one model per process
@@ -506,6 +557,10 @@ def main(argv: list[str] | None = None) -> dict:
         results["generate"] = {"rows": bench_generate(args)}
         print("## generate: one new token with the KV cache, batch 1 (eager)\n")
         print(generate_table(results["generate"]["rows"]), "\n")
+    if "distill" in args.section_list:
+        results["distill"] = bench_distill(args)
+        print("## distill: peak memory of a training step with a teacher\n")
+        print(distill_table(results["distill"]), "\n")
     if "data" in args.section_list:
         results["data"] = bench_data(args)
         print("## data: tokenisation throughput\n")

@@ -38,7 +38,7 @@ def load_tokens(path: str) -> np.ndarray:
         raise FileNotFoundError(f"no data file {path}: pass a token .bin (prepare_owt.py) or a text file")
     if path.endswith(".bin"):
         return np.memmap(path, dtype=np.uint16, mode="r")
-    from prepare_owt import gpt2_encoding
+    from data import gpt2_encoding
     with open(path, encoding="utf-8") as f:
         text = f.read()
     return np.array(gpt2_encoding().encode_ordinary(text), dtype=np.int64)

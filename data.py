@@ -66,7 +66,6 @@ class DataError(ValueError):
     the scripts print its one-line message without a traceback."""
 
 
-PrepareError = DataError         # the name train.py and older code catch
 
 
 def prepare_command(out: str, source: str | None = None) -> str:

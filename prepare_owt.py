@@ -33,9 +33,7 @@ import argparse
 import os
 import sys
 
-# the names older code imports from here (train.py, bench.py, compare_init.py)
-from data import (EOT, OWT, TXT_DOCS, VOCAB_SIZE, DataError, PrepareError, finished,  # noqa: F401
-                  gpt2_encoding, prepare, tokenize_batch)
+from data import OWT, TXT_DOCS, DataError, prepare
 from storage import DiskFull
 
 

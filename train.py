@@ -630,10 +630,21 @@ class Trainer:
                    "num_params": m.num_params(), "num_params_no_wpe": m.num_params(include_wpe=False),
                    "num_params_no_head": m.num_params(include_head=False), "config": self.stored}
         summary["tokens_per_s"] = summary["tokens"] / self.train_seconds if self.train_seconds else None
+        summary.update(peak_memory())
         if self.dist.master:
             storage.write_json(summary, os.path.join(cfg.out_dir, "run.json"))
         self.result.update(best_val_loss=self.best_val_loss, iter_num=self.iter_num, model=m, summary=summary)
         return self.result
+
+
+def peak_memory() -> dict:
+    """This process's peak memory so far: what the GPU allocated (torch.cuda.max_memory_allocated),
+    else the peak resident set size (ru_maxrss, the Python and torch runtime included)."""
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        return {"peak_memory_mb": torch.cuda.max_memory_allocated() / 2**20, "peak_memory_of": "cuda allocated"}
+    import resource
+    kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / (1024 if sys.platform == "darwin" else 1)
+    return {"peak_memory_mb": kb / 1024, "peak_memory_of": "process rss"}
 
 
 def prepare_data(cfg: TrainConfig, dist: Distributed, log) -> data.TokenData:
