@@ -11,7 +11,6 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 SHARED = os.path.join(os.path.dirname(ROOT), "shared")
-TIKTOKEN_CACHE = os.environ.get("TIKTOKEN_CACHE_DIR") or os.path.join(SHARED, "tiktoken_cache")
 # Tiny models gain nothing from intra-op threads; on a busy 2-core machine they make tests far slower.
 torch.set_num_threads(1)
 VOCAB = 64       # tiny data uses token ids < 64 (the tiny GPT-2 still has the full 50257 vocabulary)
@@ -73,13 +72,24 @@ def tiny_hf(tiny_hf_dir):
 
 
 @pytest.fixture
-def tiktoken_gpt2(monkeypatch):
-    """The real GPT-2 BPE, offline, from shared/tiktoken_cache; skip where absent."""
-    if not os.path.isdir(TIKTOKEN_CACHE):
-        pytest.skip(f"no tiktoken cache at {TIKTOKEN_CACHE}: set TIKTOKEN_CACHE_DIR to shared/tiktoken_cache")
-    monkeypatch.setenv("TIKTOKEN_CACHE_DIR", TIKTOKEN_CACHE)
-    import tiktoken
-    return tiktoken.get_encoding("gpt2")
+def tiktoken_gpt2():
+    """The real GPT-2 BPE as the scripts load it (data.gpt2_encoding: TIKTOKEN_CACHE_DIR, else the
+    offline cache in ../shared where it exists, else tiktoken's download); skip where none works."""
+    import data
+    try:
+        return data.gpt2_encoding()
+    except data.DataError as e:
+        pytest.skip(f"the GPT-2 BPE is not available here (no tiktoken cache in ../shared/tiktoken_cache or "
+                    f"TIKTOKEN_CACHE_DIR, and no network): {str(e)[:200]}")
+
+
+@pytest.fixture
+def shakespeare():
+    """../shared/data/tinyshakespeare.txt, the small real corpus; skip where absent."""
+    path = os.path.join(SHARED, "data", "tinyshakespeare.txt")
+    if not os.path.isfile(path):
+        pytest.skip(f"no {path} (the offline copy of tinyshakespeare)")
+    return path
 
 
 # ----------------------------------------------------------------------------- tiny training runs

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import eval_ppl
-from conftest import ROOT, SHARED, TIKTOKEN_CACHE
+from conftest import ROOT, SHARED
 from model import GPT
 
 CONTEXT = 64
@@ -226,7 +226,7 @@ def test_data_file_rows_are_wikitext_rows(tmp_path, tiktoken_gpt2):
 
 def test_cli_writes_results_json(tiny_hf_dir, text_file, tmp_path, tiktoken_gpt2):
     out = tmp_path / "results.json"
-    env = {**os.environ, "TIKTOKEN_CACHE_DIR": TIKTOKEN_CACHE}
+    env = dict(os.environ)
     proc = subprocess.run([sys.executable, os.path.join(ROOT, "eval_ppl.py"), "--model", tiny_hf_dir,
                            "--data-file", text_file, "--protocol", "sliding", "--stride", str(STRIDE),
                            "--block-size", str(CONTEXT), "--device", "cpu", "--out", str(out)],
@@ -276,7 +276,7 @@ def test_bad_inputs_give_clear_errors(tmp_path, tiny_hf_dir, monkeypatch):
 
 
 def test_cli_error_messages(tmp_path):
-    env = {**os.environ, "TIKTOKEN_CACHE_DIR": TIKTOKEN_CACHE}
+    env = dict(os.environ)
     proc = subprocess.run([sys.executable, os.path.join(ROOT, "eval_ppl.py"), "--model",
                            str(tmp_path / "nope.pt"), "--datasets", "lambada"],
                           capture_output=True, text=True, env=env, timeout=120)

@@ -273,15 +273,16 @@ def test_summed_products_keeps_the_operand_dtype():
     torch.testing.assert_close(S.float(), torch.einsum("rac,rbc->ab", P.float(), Q.float()), rtol=1e-2, atol=1e-2)
 
 
-def test_bench_quick_end_to_end(tmp_path):
+@pytest.mark.slow
+def test_bench_quick_end_to_end(tmp_path, tiktoken_gpt2, shakespeare):
     out = tmp_path / "bench.json"
-    env = {**os.environ, "TIKTOKEN_CACHE_DIR": os.environ.get(
-        "TIKTOKEN_CACHE_DIR", os.path.join(os.path.dirname(ROOT), "shared", "tiktoken_cache"))}
-    proc = subprocess.run([sys.executable, "bench.py", "--quick", "--out", str(out)], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=300)
+    proc = subprocess.run([sys.executable, "bench.py", "--quick", "--out", str(out), "--corpus", shakespeare],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     res = json.loads(out.read_text())
-    assert set(res) == {"meta", "layer", "model", "generate", "data"}
+    assert set(res) == {"meta", "layer", "model", "generate", "data", "distill"}
+    cases = [r["case"] for r in res["distill"]["rows"]]
+    assert len(cases) == 3 and all(r["peak_memory_mb"] > 0 for r in res["distill"]["rows"])
     rows = res["layer"]["rows"]
     assert len(rows) == 6 and {r["matrix"] for r in rows} == {"c_fc", "c_proj"}
     for r in rows:

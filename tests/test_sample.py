@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import sample
-from conftest import ROOT, TIKTOKEN_CACHE
+from conftest import ROOT
 from export_hf import export
 from kronecker import KronLinear, frozen_kron_weights
 from model import GPT
@@ -104,8 +104,8 @@ def test_sampling_is_seeded_and_top_k_1_is_greedy(tiny_hf_dir, tiktoken_gpt2):
     assert n_tokens == 5 and seconds > 0 and len(texts) == 1
 
 
-def test_sample_cli(tiny_hf_dir, tmp_path):
-    env = {**os.environ, "TIKTOKEN_CACHE_DIR": TIKTOKEN_CACHE}
+def test_sample_cli(tiny_hf_dir, tmp_path, tiktoken_gpt2):
+    env = dict(os.environ)
     cmd = [sys.executable, os.path.join(ROOT, "sample.py"), "--model", tiny_hf_dir, "--prompt", "To be",
            "--max-new-tokens", "12", "--temperature", "0", "--device", "cpu"]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=120)
