@@ -761,6 +761,18 @@ def _check_objective(objective: str) -> None:
                          f"choose one of {', '.join(PERMUTATION_OBJECTIVES)}")
 
 
+def _check_term(t: PermutationTerm) -> None:
+    """One clear error for a term whose shapes do not fit together (else an IndexError deep inside)."""
+    _check_objective(t.objective)
+    if t.axis not in (0, 1):
+        raise ValueError(f"axis={t.axis!r}: 0 permutes W's rows, 1 its columns")
+    (m1, n1), (m2, n2) = t.a_shape, t.b_shape
+    if tuple(t.W.shape) != (m1 * m2, n1 * n2):
+        raise ValueError(f"A {tuple(t.a_shape)} (x) B {tuple(t.b_shape)} is ({m1 * m2}, {n1 * n2}), but W is "
+                         f"{tuple(t.W.shape)}: take B = b_shape_for(W.shape, A, k)")
+    check_factors(t.a_shape, t.b_shape, t.k)
+
+
 def kron_approximation(W: torch.Tensor, a_shape: tuple[int, int], k: int = 1,
                        objective: str = "vl-norm", svd: str = "exact") -> torch.Tensor:
     """The dense init a compression would start from: the Van Loan sum of k products,
@@ -962,8 +974,10 @@ def permutation_search(terms: list[PermutationTerm], structured: bool = True, sv
     from the structured start; the better of the two, never worse than the identity. Every term
     must put its units at the same (P1, P2) block positions. tol: the least relative drop of the
     summed error an iteration must bring; svd="randomized": faster for large B, approximate."""
+    if not terms:
+        raise ValueError("permutation_search needs at least one PermutationTerm")
     for t in terms:
-        _check_objective(t.objective)
+        _check_term(t)
     terms = [PermutationTerm(t.W if t.W.dtype == torch.float64 else t.W.float(), t.a_shape, t.b_shape, t.axis, t.k,
                              t.objective) for t in terms]
     positions = terms[0].positions

@@ -732,12 +732,25 @@ def _dense_linears(model: GPT, names=LINEAR_NAMES) -> list[nn.Linear]:
     return layers
 
 
+def _check_perm(perm: torch.Tensor, n: int, what: str) -> torch.Tensor:
+    """perm as a LongTensor, if it holds each of 0..n-1 once (anything else would not be free)."""
+    perm = torch.as_tensor(perm).cpu()
+    if perm.shape != (n,) or perm.is_floating_point() or not torch.equal(perm.sort().values, torch.arange(n)):
+        raise ValueError(f"a {what} permutation must hold each of 0..{n - 1} once, got a {perm.dtype} "
+                         f"tensor of shape {tuple(perm.shape)}")
+    return perm.long()
+
+
 @torch.no_grad()
 def permute_hidden_(model: GPT, layer: int, perm: torch.Tensor) -> None:
     """Reorder one MLP's hidden units: rows of c_fc and its bias, columns of c_proj. The
     function is unchanged (GELU acts on each unit alone)."""
+    n_layer = len(model.transformer.h)
+    if not 0 <= layer < n_layer:
+        raise ValueError(f"layer {layer} does not exist: the model has layers 0..{n_layer - 1}")
     mlp = model.transformer.h[layer].mlp
     _dense_linears(model, ("mlp.c_fc", "mlp.c_proj"))
+    perm = _check_perm(perm, mlp.c_fc.weight.shape[0], f"layer {layer}'s hidden")
     _reorder_(mlp.c_fc.weight, perm, 0)
     _reorder_(mlp.c_fc.bias, perm, 0)
     _reorder_(mlp.c_proj.weight, perm, 1)
@@ -751,6 +764,7 @@ def permute_residual_(model: GPT, perm: torch.Tensor) -> None:
     mean and variance do not depend on the order)."""
     t = model.transformer
     _dense_linears(model)
+    perm = _check_perm(perm, t.wte.weight.shape[1], "residual")
     _reorder_(t.wte.weight, perm, 1)
     if model.lm_head.weight is not t.wte.weight:
         _reorder_(model.lm_head.weight, perm, 1)
