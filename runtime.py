@@ -71,6 +71,22 @@ def autocast(device: torch.device | str, dtype: torch.dtype):
     return torch.autocast(device_type=torch.device(device).type, dtype=dtype)
 
 
+def keep_freed_memory() -> bool:
+    """On Linux with glibc, keep freed memory in the heap for reuse (no mmap, no trimming).
+
+    glibc serves every allocation above 32 MB with its own mmap and returns it on free, so a CPU
+    training step that allocates its logits, their softmax and their gradients (hundreds of MB)
+    faults in fresh pages for each of them, every step: the kernel's time, not the math. Returns
+    whether it applied (False elsewhere: other allocators, or no glibc)."""
+    try:
+        import ctypes
+        libc = ctypes.CDLL("libc.so.6")
+        M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4
+        return bool(libc.mallopt(M_MMAP_MAX, 0)) and bool(libc.mallopt(M_TRIM_THRESHOLD, 2**30 - 1))
+    except (OSError, AttributeError):
+        return False
+
+
 def sync(device: torch.device | str) -> None:
     """Wait for the device (timing)."""
     if torch.device(device).type == "cuda":

@@ -307,6 +307,8 @@ class Trainer:
         except ValueError as e:
             raise ConfigError(str(e)) from None
         self.dtype = runtime.pick_dtype(cfg.dtype, self.device, self.log)
+        if self.device.type == "cpu":
+            runtime.keep_freed_memory()         # the CPU step's big tensors: no fresh pages every step
         self.stored = {**cfg.flat(), "dtype_used": runtime.dtype_name(self.dtype), "world_size": dist.world}
         ckpt = self.claim_out_dir()
         self.log("resolved config:\n" + "\n".join(f"  {k} = {v!r}" for k, v in self.stored.items()))
