@@ -219,7 +219,7 @@ def _die_with_parent() -> None:
 def run_logged(cmd: list[str], log_path: str, echo) -> int:
     """Run cmd, its output appended to log_path; `echo` sees each line (progress). Returns the exit code."""
     os.makedirs(os.path.dirname(log_path), exist_ok=True)
-    with open(log_path, "a") as log:
+    with open(log_path, "a", buffering=1) as log:          # line by line: `tail -f` shows progress
         log.write(f"\n$ {' '.join(cmd)}\n")
         log.flush()
         proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
@@ -253,7 +253,7 @@ def train_run(plan: dict, index: str, echo) -> dict:
     print(f"{index} {plan['name']}: training (log: {log_path})", flush=True)
     t0 = time.time()
     code = run_logged([sys.executable, os.path.join(REPO, "train.py"), *to_overrides(plan["cfg"])], log_path,
-                      lambda line: echo(f"{index} {line}") if line.startswith("eval iter") else None)
+                      lambda line: echo(f"{index} {plan['name']}: {line}") if line.startswith("eval iter") else None)
     summary = read_json(os.path.join(plan["dir"], "run.json"))
     if code != 0 or not summary or not summary.get("finished"):
         return {"status": f"failed (exit {code}): {tail(log_path)}"}
@@ -398,14 +398,14 @@ def _run(study: dict, teacher_plan: dict | None, plans: list[dict], path: str) -
     echo = lambda line: print("    " + line, flush=True)
     # 1. the teacher: trained here, or a given model measured on the study's data
     if teacher_plan:
-        summary = train_run(teacher_plan, f"[1/{n}] teacher", echo)
+        summary = train_run(teacher_plan, f"[1/{n}]", echo)
         teacher_dir = teacher_plan["dir"]
         teacher_keys, teacher_model = teacher_plan["keys"], teacher_dir
     else:
         teacher_dir = os.path.join(out, TEACHER)
         probe = dict(plans[0], name=TEACHER, dir=teacher_dir)
         probe["cfg"] = config_from([(k, v, "teacher") for k, v in _teacher_probe(plans[0]["cfg"], study).items()])
-        summary = train_run(probe, f"[1/{n}] teacher {study['teacher']} (its validation loss)", echo)
+        summary = train_run(probe, f"[1/{n}]", echo)
         teacher_keys, teacher_model = study["teacher"], str(study["teacher"])
     if summary["status"] != "ok":
         raise StudyError(f"the teacher failed, so no run can start from it: {summary['status']}")
@@ -415,7 +415,7 @@ def _run(study: dict, teacher_plan: dict | None, plans: list[dict], path: str) -
     # 2. the runs
     for i, plan in enumerate(plans, 2):
         index = f"[{i}/{n}]"
-        summary = train_run(plan, f"{index} {plan['name']}", echo)
+        summary = train_run(plan, index, echo)
         evals = None
         if summary["status"] == "ok":
             evals = evaluate(plan["dir"], os.path.join(plan["dir"], "eval.json"), study, device,
