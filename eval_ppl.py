@@ -43,8 +43,8 @@ from tqdm import tqdm
 from data import DataError, TokenData, gpt2_encoding
 from kronecker import frozen_kron_weights
 from model import GPT, MODEL_KINDS_HELP, resolve_model
-from runtime import DEVICE_HELP, DTYPES, autocast, dtype_name, pick_device, pick_dtype
-from storage import DiskFull, write_json
+from runtime import DEVICE_HELP, DTYPES, autocast, dtype_name, pick_device, pick_dtype, run_cli
+from storage import write_json
 
 # name -> (hub dataset, config, split)
 DATASETS = {
@@ -459,12 +459,4 @@ def main(argv=None) -> list[dict]:
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except (ValueError, OSError, RuntimeError) as e:     # OSError: a missing file, storage.DiskFull
-        message = e.strerror if isinstance(e, DiskFull) else str(e)     # DiskFull's str() has "[Errno 28]"
-        print(f"error: {' '.join(message.split())}", file=sys.stderr)
-        sys.exit(2)
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        sys.exit(130)
+    run_cli(main)

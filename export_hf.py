@@ -27,7 +27,8 @@ import torch
 import torch.nn as nn
 
 from model import GPT, LINEAR_NAMES, dense_weight, resolve_model
-from storage import DiskFull, atomic_directory, write_json
+from runtime import run_cli
+from storage import atomic_directory, write_json
 
 
 @torch.no_grad()
@@ -125,12 +126,4 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except (ValueError, OSError, RuntimeError) as e:     # OSError: a missing file, storage.DiskFull
-        message = e.strerror if isinstance(e, DiskFull) else str(e)     # DiskFull's str() has "[Errno 28]"
-        print(f"error: {' '.join(message.split())}", file=sys.stderr)
-        sys.exit(2)
-    except KeyboardInterrupt:
-        print("interrupted: --out is as it was before this run", file=sys.stderr)
-        sys.exit(130)
+    run_cli(main, interrupted="interrupted: --out is as it was before this run")

@@ -76,45 +76,35 @@ def check_factors(a_shape: tuple[int, int], b_shape: tuple[int, int], k: int) ->
             f"min(m1*n1, m2*n2) = {bound} of the rearranged matrix; choose k in 1..{bound}.")
 
 
-def b_shape_for(weight_shape: tuple[int, int], a_shape: tuple[int, int], k: int = 1) -> tuple[int, int]:
-    """The B shape that goes with `a_shape` for a weight of `weight_shape` (out, in).
-
-    Raises ValueError, listing valid choices, if A does not tile W or if k is
-    larger than the rank bound of the rearranged matrix.
-    """
+def other_factor(weight_shape: tuple[int, int], shape: tuple[int, int], which: str = "A") -> tuple[int, int]:
+    """The shape of the other factor for a weight of `weight_shape` (out, in) and a factor `which`
+    ("A" or "B") of `shape`: (out / rows, in / cols). ValueError, listing the valid sides, if it
+    does not tile the weight."""
     out_f, in_f = weight_shape
-    m1, n1 = shape_pair(a_shape)
-    if m1 <= 0 or n1 <= 0 or out_f % m1 or in_f % n1:
-        rows = ", ".join(str(d) for d in divisors(out_f))
-        cols = ", ".join(str(d) for d in divisors(in_f))
+    i = "1" if which == "A" else "2"
+    rows, cols = shape_pair(shape, "kron_shape" if which == "A" else "B shape", f"(m{i}, n{i})")
+    if rows <= 0 or cols <= 0 or out_f % rows or in_f % cols:
         raise ValueError(
-            f"A shape {tuple(a_shape)} does not tile a weight of shape (out={out_f}, in={in_f}): "
-            f"m1 must divide {out_f} and n1 must divide {in_f}. "
-            f"Valid m1: {rows}. Valid n1: {cols}. "
+            f"{which} shape {tuple(shape)} does not tile a weight of shape (out={out_f}, in={in_f}): "
+            f"m{i} must divide {out_f} and n{i} must divide {in_f}. "
+            f"Valid m{i}: {', '.join(map(str, divisors(out_f)))}. Valid n{i}: {', '.join(map(str, divisors(in_f)))}. "
             f"Run `python kronecker.py plan` to see every valid shape with its size.")
-    b = (out_f // m1, in_f // n1)
-    check_factors((m1, n1), b, k)
+    return out_f // rows, in_f // cols
+
+
+def b_shape_for(weight_shape: tuple[int, int], a_shape: tuple[int, int], k: int = 1) -> tuple[int, int]:
+    """The B shape that goes with `a_shape` for a weight of `weight_shape` (out, in). Raises
+    ValueError, listing valid choices, if A does not tile W or if k is larger than the rank
+    bound of the rearranged matrix."""
+    b = other_factor(weight_shape, a_shape, "A")
+    check_factors(shape_pair(a_shape), b, k)
     return b
 
 
 def a_shape_for(weight_shape: tuple[int, int], b_shape: tuple[int, int], k: int = 1) -> tuple[int, int]:
-    """The A shape that goes with `b_shape` for a weight of `weight_shape` (out, in).
-
-    Raises ValueError, listing valid choices, if B does not tile W or if k is
-    larger than the rank bound of the rearranged matrix.
-    """
-    out_f, in_f = weight_shape
-    m2, n2 = shape_pair(b_shape, "B shape", "(m2, n2)")
-    if m2 <= 0 or n2 <= 0 or out_f % m2 or in_f % n2:
-        rows = ", ".join(str(d) for d in divisors(out_f))
-        cols = ", ".join(str(d) for d in divisors(in_f))
-        raise ValueError(
-            f"B shape {tuple(b_shape)} does not tile a weight of shape (out={out_f}, in={in_f}): "
-            f"m2 must divide {out_f} and n2 must divide {in_f}. "
-            f"Valid m2: {rows}. Valid n2: {cols}. "
-            f"Run `python kronecker.py plan` to see every valid shape with its size.")
-    a = (out_f // m2, in_f // n2)
-    check_factors(a, (m2, n2), k)
+    """The A shape that goes with `b_shape` (the same checks as b_shape_for)."""
+    a = other_factor(weight_shape, b_shape, "B")
+    check_factors(a, shape_pair(b_shape, "B shape", "(m2, n2)"), k)
     return a
 
 

@@ -74,7 +74,7 @@ def main(argv: list[str] | None = None) -> None:
         prepare(args.dataset, args.out, args.text_column, args.split, args.config, args.val_fraction,
                 args.num_proc, args.txt_docs, args.seed, args.overwrite)
     except (DataError, DiskFull) as e:
-        message = f"error: {e.strerror if isinstance(e, DiskFull) else e}"   # DiskFull's str() has "[Errno 28]"
+        message = f"error: {e}"
         print(message, file=sys.stderr)
         raise ExitError(message) from None
     except KeyboardInterrupt:

@@ -1,6 +1,7 @@
 """
-Where and in what precision the scripts run: the device, the dtype, the autocast context.
-One place, so train.py, eval_ppl.py, sample.py, study.py and bench.py agree.
+Where and in what precision the scripts run: the device, the dtype, the autocast context; and how a
+script reports a user's mistake. One place, so train.py, eval_ppl.py, sample.py, study.py and
+bench.py agree.
 
 dtype names: "auto" (bfloat16 on a CUDA GPU that has it, else float32), "float32",
 "bfloat16", "float16". A non-float32 dtype means autocast with float32 parameters, as in
@@ -10,6 +11,8 @@ recipes mean), with a note.
 from __future__ import annotations
 
 import contextlib
+import sys
+from typing import Callable
 
 import torch
 
@@ -91,3 +94,17 @@ def sync(device: torch.device | str) -> None:
     """Wait for the device (timing)."""
     if torch.device(device).type == "cuda":
         torch.cuda.synchronize()
+
+
+def run_cli(main: Callable, errors: tuple = (ValueError, OSError, RuntimeError),
+            interrupted: str = "interrupted") -> None:
+    """Run a script's main(): a mistake the user can fix (one of `errors`: a bad value, a missing
+    file, a full disk) is one line on stderr and exit code 2, as argparse does; Ctrl-C is exit 130."""
+    try:
+        main()
+    except errors as e:
+        print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        print(interrupted, file=sys.stderr)
+        sys.exit(130)

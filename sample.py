@@ -20,7 +20,7 @@ import torch
 
 from data import gpt2_encoding
 from model import GPT, resolve_model
-from runtime import DEVICE_HELP, DTYPES, dtype_name, pick_device, pick_dtype, sync
+from runtime import DEVICE_HELP, DTYPES, dtype_name, pick_device, pick_dtype, run_cli, sync
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -128,10 +128,4 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except (ValueError, OSError, RuntimeError) as e:     # OSError: a missing file
-        print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
-        sys.exit(2)
-    except KeyboardInterrupt:
-        sys.exit(130)
+    run_cli(main)

@@ -25,6 +25,9 @@ FILE_MODE = 0o644              # the same mode for every file we write (mkstemp 
 class DiskFull(OSError):
     """No space left while writing `path`; the previous version of the file is intact."""
 
+    def __str__(self) -> str:          # the message alone, without OSError's "[Errno 28]"
+        return self.strerror
+
 
 def _disk_full(e: BaseException, path: str) -> BaseException:
     if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):

@@ -726,7 +726,7 @@ if __name__ == "__main__":
     try:
         main(sys.argv[1:])
     except storage.DiskFull as e:
-        sys.exit(f"error: {e.strerror}")
+        sys.exit(f"error: {e}")
     except (ConfigError, FileNotFoundError) as e:     # a wrong key or value, a missing file: exit 2, as argparse
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)

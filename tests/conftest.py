@@ -94,17 +94,21 @@ def shakespeare():
 
 # ----------------------------------------------------------------------------- tiny training runs
 
-@pytest.fixture(scope="session")
-def data_dir(tmp_path_factory):
-    """train.bin / val.bin of a learnable sequence: a few repeated 'sentences' with noise."""
+def write_tiny_tokens(directory, train: int = 600, val: int = 100, seed: int = 0) -> str:
+    """train.bin / val.bin (+ the meta.json TokenData checks) of a learnable sequence: a few
+    'sentences' of token ids below VOCAB, repeated in random order."""
     import data
-    d = tmp_path_factory.mktemp("tinydata")
-    rng = np.random.default_rng(0)
+    rng = np.random.default_rng(seed)
     sentences = [rng.integers(0, VOCAB, size=rng.integers(5, 12)) for _ in range(8)]
     splits = {split: np.concatenate([sentences[i] for i in rng.integers(0, len(sentences), size=n)])
-              for split, n in (("train", 600), ("val", 100))}
-    data.write_token_files(str(d), splits, vocab_size=VOCAB)    # bins + the meta.json TokenData checks
-    return str(d)
+              for split, n in (("train", train), ("val", val))}
+    data.write_token_files(str(directory), splits, vocab_size=VOCAB)
+    return str(directory)
+
+
+@pytest.fixture(scope="session")
+def data_dir(tmp_path_factory):
+    return write_tiny_tokens(tmp_path_factory.mktemp("tinydata"))
 
 
 @pytest.fixture(scope="session")

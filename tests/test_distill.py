@@ -13,21 +13,14 @@ import torch.nn.functional as F
 
 import data
 import train
-from conftest import ROOT
+from conftest import ROOT, VOCAB, write_tiny_tokens
 from model import GPT, GPTConfig, load_checkpoint
 
-VOCAB = 64
 
 
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory):
-    d = tmp_path_factory.mktemp("distill_data")
-    rng = np.random.default_rng(1)
-    sentences = [rng.integers(0, VOCAB, size=rng.integers(5, 12)) for _ in range(8)]
-    splits = {s: np.concatenate([sentences[i] for i in rng.integers(0, len(sentences), size=n)])
-              for s, n in (("train", 600), ("val", 100))}
-    data.write_token_files(str(d), splits, vocab_size=VOCAB)
-    return str(d)
+    return write_tiny_tokens(tmp_path_factory.mktemp("distill_data"), seed=1)
 
 
 def argv(**kw):

@@ -12,9 +12,8 @@ import pytest
 
 import data
 import study
-from conftest import ROOT
+from conftest import ROOT, write_tiny_tokens
 
-VOCAB = 64
 TINY = """
 teacher = dict(name="teacher", init_from="scratch", n_layer=2, n_head=2, n_embd=32, vocab_size=64, max_iters=30,
                learning_rate=3e-3)
@@ -40,13 +39,7 @@ dtype = "float32"
 
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory):
-    d = tmp_path_factory.mktemp("study_data")
-    rng = np.random.default_rng(0)
-    sentences = [rng.integers(0, VOCAB, size=rng.integers(5, 12)) for _ in range(8)]
-    splits = {s: np.concatenate([sentences[i] for i in rng.integers(0, len(sentences), size=n)])
-              for s, n in (("train", 1500), ("val", 300))}
-    data.write_token_files(str(d), splits, vocab_size=VOCAB)
-    return str(d)
+    return write_tiny_tokens(tmp_path_factory.mktemp("study_data"), train=1500, val=300)
 
 
 def study_file(tmp_path, data_dir, text=TINY, name="study.py", **fmt):
