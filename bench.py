@@ -417,7 +417,7 @@ def bench_data(args) -> dict:
     if args.quick:
         docs = docs[:2000]
     from data import tokenize_batch
-    source = "prepare_owt.tokenize_batch (tiktoken GPT-2 BPE, one process)"
+    source = "data.tokenize_batch (tiktoken GPT-2 BPE, one process)"
 
     def encode(batch: list[str]) -> int:
         return sum(tokenize_batch({"text": batch}, "text")["len"])

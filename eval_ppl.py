@@ -6,7 +6,7 @@ our checkpoints and for Hugging Face baselines.
     python eval_ppl.py --model gpt2 --model distilgpt2 --model out/krony81/ckpt_best.pt \
         --datasets wikitext-103,wikitext-2,lambada --protocol paper --out results.json
 
-Two protocols (see README, "Evaluation"):
+Two protocols (docs/evaluation.md has the details):
 
 - paper: the Krony-PT code. The test split's rows are joined with "\\n\\n" and
   tokenised with GPT-2 BPE; the stream is cut into windows of `context`
