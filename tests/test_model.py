@@ -231,3 +231,17 @@ def test_scratch_init_gives_factored_layers_the_dense_spread():
             fc, proj = block.mlp.c_fc.materialize(), block.mlp.c_proj.materialize()
             assert fc.std().item() == pytest.approx(0.02, rel=0.02), kw
             assert proj.std().item() == pytest.approx(0.02 / math.sqrt(2 * L), rel=0.02), kw
+
+
+def test_targets_of_any_layout(tiny_hf_dir):
+    """model(x[:, :-1], x[:, 1:]): targets that are a strided view, not a contiguous tensor."""
+    model = GPT.from_pretrained(tiny_hf_dir).eval()
+    x = torch.randint(0, 50257, (3, 17))
+    inputs, targets = x[:, :-1], x[:, 1:]
+    assert not targets.is_contiguous()
+    with torch.no_grad():
+        _, loss = model(inputs, targets)
+        _, ref = model(inputs.contiguous(), targets.contiguous())
+    assert loss.item() == ref.item()
+    _, loss_t = model(inputs, targets.t().contiguous().t())      # a transposed layout too
+    assert loss_t.item() == ref.item()
