@@ -330,39 +330,68 @@ def markdown(records: list[dict]) -> str:
 
 
 def plot(records: list[dict], path: str, title: str) -> None:
+    """Three panels: validation loss against tokens (the teacher a horizontal line), final perplexity
+    against parameter count, and the runs ranked by final perplexity (the differences at a glance)."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(14, 5.5))
-    teacher, runs = records[0], [r for r in records[1:] if r["curve"]]
-    cmap = plt.get_cmap("tab20")
-    for i, r in enumerate(runs):
-        xs, ys = zip(*r["curve"])
-        ax1.plot(xs, ys, marker=".", label=r["name"], color=cmap(i % 20))
+    import matplotlib.ticker
+    teacher, runs = records[0], records[1:]
+    colors = plt.get_cmap("tab10").colors
+    style = {r["name"]: (colors[i % 10], "-" if i < 10 else "--") for i, r in enumerate(runs)}
+    fig, (ax1, ax2, ax3) = plt.subplots(1, 3, figsize=(19, 6), gridspec_kw={"width_ratios": [1.2, 1, 1]})
+    for r in runs:
+        if r["curve"]:
+            xs, ys = zip(*r["curve"])
+            color, line = style[r["name"]]
+            ax1.plot(xs, ys, line, marker=".", color=color, label=r["name"])
     if teacher["val_loss"] is not None:
-        ax1.axhline(teacher["val_loss"], color="black", linestyle="--", label=f"teacher ({teacher['val_loss']:.3f})")
-    finite = [y for r in runs for _, y in r["curve"]] + ([teacher["val_loss"]] if teacher["val_loss"] else [])
-    if finite:       # the first evaluations (right after compression) can be far above the rest
-        lo = min(finite)
-        ends = [r["curve"][-1][1] for r in runs]
-        ax1.set_ylim(lo - 0.05 * (max(ends + [lo + 0.1]) - lo) - 0.02, max(ends + [lo]) + 0.75 * (max(ends + [lo]) - lo) + 0.3)
-    ax1.set_xlabel("tokens trained")
-    ax1.set_ylabel("validation loss")
-    ax1.set_title("validation loss during recovery")
+        ax1.axhline(teacher["val_loss"], color="black", linestyle=":", label=f"teacher ({teacher['val_loss']:.3f})")
+    ends = [r["curve"][-1][1] for r in runs if r["curve"]]
+    if ends:          # the loss right after compression can be far above the rest: show the recovery
+        lo = min(ends + ([teacher["val_loss"]] if teacher["val_loss"] else []))
+        ax1.set_ylim(lo - 0.1, max(ends) + 1.5 * (max(ends) - lo) + 0.2)
+    ax1.set(xlabel="tokens trained", ylabel="validation loss", title="validation loss during recovery")
     ax1.legend(fontsize=7, loc="upper right")
     ax1.grid(alpha=0.3)
     main_set = next((e["dataset"] for r in records for e in r["eval"]), None)
-    for i, r in enumerate(records):
-        ppl = next((e["ppl"] for e in r["eval"] if e["dataset"] == main_set), None)
-        if ppl is None or r["num_params"] is None:
-            continue
-        color = "black" if i == 0 else cmap((i - 1) % 20)
-        ax2.scatter(r["num_params"] / 1e6, ppl, color=color, marker="*" if i == 0 else "o", s=90 if i == 0 else 40)
-        ax2.annotate(r["name"], (r["num_params"] / 1e6, ppl), xytext=(5, 3), textcoords="offset points", fontsize=7)
-    ax2.set_xlabel("parameters (millions; tied embedding once, with position embeddings)")
-    ax2.set_ylabel(f"perplexity on {os.path.basename(main_set) if main_set else '?'}")
-    ax2.set_title("final perplexity against size")
-    ax2.grid(alpha=0.3)
+    ppl = {r["name"]: next((e["ppl"] for e in r["eval"] if e["dataset"] == main_set), None) for r in records}
+    done = [r for r in runs if ppl[r["name"]] is not None and r["num_params"]]
+    if done:
+        values = sorted(ppl[r["name"]] for r in done)
+        top = values[len(values) // 2] * 1.5               # the zoomed range; higher ones are marked at the top
+        above = 0
+        for r in done:
+            color, _ = style[r["name"]]
+            y = min(ppl[r["name"]], top)
+            ax2.scatter(r["num_params"] / 1e6, y, color=color, marker="^" if y < ppl[r["name"]] else "o", s=45)
+            if y < ppl[r["name"]]:
+                above += 1
+                ax2.annotate(f"{r['name']}: {ppl[r['name']]:.0f}", (r["num_params"] / 1e6, y),
+                             xytext=(6, -10 * above), textcoords="offset points", fontsize=7)
+        if ppl[teacher["name"]] and teacher["num_params"]:
+            ax2.scatter(teacher["num_params"] / 1e6, ppl[teacher["name"]], color="black", marker="*", s=120)
+            ax2.annotate("teacher", (teacher["num_params"] / 1e6, ppl[teacher["name"]]), xytext=(5, 3),
+                         textcoords="offset points", fontsize=8)
+        ax2.set_ylim(min(values + [ppl[teacher["name"]] or values[0]]) * 0.97, top * 1.03)
+        ranked = sorted(done, key=lambda r: ppl[r["name"]])
+        for i, r in enumerate(ranked):
+            ax3.scatter(ppl[r["name"]], i, color=style[r["name"]][0], s=45)
+            ax3.annotate(f"{ppl[r['name']]:.1f}", (ppl[r["name"]], i), xytext=(6, -3), textcoords="offset points",
+                         fontsize=7)
+        ax3.set_yticks(range(len(ranked)), [f"{r['name']} ({r['num_params'] / 1e6:.2f}M)" for r in ranked], fontsize=7)
+        if ppl[teacher["name"]]:
+            ax3.axvline(ppl[teacher["name"]], color="black", linestyle=":", label="teacher")
+        ax3.set_xscale("log")
+        ax3.xaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
+        ax3.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+        ax3.invert_yaxis()
+    where = os.path.basename(main_set) if main_set else "?"
+    ax2.set(xlabel="parameters (millions; tied embedding once, with position embeddings)",
+            ylabel=f"perplexity on {where}", title="final perplexity against size")
+    ax3.set(xlabel=f"perplexity on {where} (log scale)", title="runs ranked by final perplexity")
+    for ax in (ax2, ax3):
+        ax.grid(alpha=0.3)
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -445,9 +474,11 @@ def write_outputs(records: list[dict], study: dict, path: str, seconds: float) -
     out = study["out_dir"]
     order = [records[0]] + sorted(records[1:], key=lambda r: (r["num_params"] or 0, r["name"]))
     storage.write_json(records, os.path.join(out, "study.json"))
+    trained = sum(r["train_seconds"] or 0 for r in records)
     text = (f"# Study {os.path.basename(path)}\n\n" + markdown(order) + "\n\n"
-            f"val loss: train.py's estimate on val.bin (eval_iters batches); ppl: eval_ppl.py, "
-            f"{study['eval_protocol']} protocol, best checkpoint of each run. Wall time so far: {seconds / 60:.1f} min.\n")
+            f"val loss: train.py's estimate on val.bin (eval_iters batches, the same for every run); ppl: "
+            f"eval_ppl.py, {study['eval_protocol']} protocol, best checkpoint of each run. Training steps of all "
+            f"runs: {trained / 60:.1f} min; this invocation of study.py: {seconds / 60:.1f} min.\n")
     storage.atomic_write(os.path.join(out, "study.md"), lambda f: f.write(text.encode()))
     try:
         plot(order, os.path.join(out, "study.png"), f"study {os.path.basename(path)}")
