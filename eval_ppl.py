@@ -42,7 +42,7 @@ from tqdm import tqdm
 
 from data import DataError, TokenData, gpt2_encoding
 from kronecker import frozen_kron_weights
-from model import GPT, MODEL_KINDS_HELP, resolve_model
+from model import GPT, resolve_model
 from runtime import DEVICE_HELP, DTYPES, autocast, dtype_name, pick_device, pick_dtype, run_cli
 from storage import write_json
 
@@ -304,10 +304,7 @@ def check_model_names(specs: list[str]) -> None:
         try:
             resolve_model(spec)
         except FileNotFoundError as e:
-            if os.path.exists(os.path.expanduser(spec)):
-                raise                                # a directory without a model: resolve_model says so
-            raise FileNotFoundError(f"no such directory or checkpoint: --model {spec} names no file or "
-                                    f"directory and no hub model; a model is {MODEL_KINDS_HELP}") from None
+            raise FileNotFoundError(f"--model {spec}: {e}") from None
 
 
 def check_writable(path: str) -> None:

@@ -50,13 +50,12 @@ from dataclasses import dataclass, fields, replace
 from typing import Optional
 
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
 
 import data
 import runtime
 import storage
-from config import (FIXED_ON_RESUME, MODEL_DEFAULTS, MODEL_HELP, MODEL_KEYS, OWT_TOKENS, TRAIN_KEYS, ConfigError, TrainConfig,
+from config import (FIXED_ON_RESUME, MODEL_DEFAULTS, MODEL_HELP, MODEL_KEYS, TRAIN_KEYS, ConfigError, TrainConfig,
                     TrainError, config_diff, format_diff, resolve_config)
 from kronecker import KronLinear
 from model import (DIMENSIONS, GPT, GPTConfig, architecture, compress, format_report, load_checkpoint,
@@ -65,8 +64,6 @@ from model import (DIMENSIONS, GPT, GPTConfig, architecture, compress, format_re
 REPO = os.path.dirname(os.path.abspath(__file__))
 PEAK_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40": 181e12, "A10": 125e12,
               "V100": 125e12, "4090": 165e12, "3090": 71e12}
-
-
 EVAL_SEED = 1338                # the evaluation batches' own seed
 
 

@@ -11,7 +11,6 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import data
 import train
 from conftest import ROOT, VOCAB, write_tiny_tokens
 from model import GPT, GPTConfig, load_checkpoint

@@ -7,10 +7,8 @@ import subprocess
 import sys
 import time
 
-import numpy as np
 import pytest
 
-import data
 import study
 from conftest import ROOT, write_tiny_tokens
 

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from data import TokenData
+import config
 import train
 from conftest import ROOT, VOCAB, argv, kron_run, run, scratch, sha   # and the fixtures data_dir, hf_dir
 from model import GPT, GPTConfig, load_checkpoint
@@ -110,7 +111,7 @@ def test_paper_configs_resolve_to_their_sizes(name):
     assert cfg["batch_size"] * cfg["gradient_accumulation_steps"] == 120 and cfg["block_size"] == 1024
     assert (cfg["learning_rate"], cfg["min_lr"], cfg["decay_lr"]) == (6e-5, 6e-6, True)
     assert 500 <= cfg["warmup_iters"] <= 1500 and cfg["init_from"] == "gpt2"
-    epochs = cfg["max_iters"] * 120 * 1024 / train.OWT_TOKENS
+    epochs = cfg["max_iters"] * 120 * 1024 / config.OWT_TOKENS
     assert round(epochs) == (4 if name in ("krony67m.py", "krony80m_2factors.py") else 3)
 
 
@@ -120,7 +121,7 @@ def test_finetune_config_is_the_big_batch_phase():
     assert cfg["init_from"] == os.path.join(pre["out_dir"], "ckpt_best.pt")   # architecture from there
     assert cfg["batch_size"] * cfg["gradient_accumulation_steps"] == 320
     assert cfg["learning_rate"] == 6e-6 and cfg["decay_lr"] is False
-    assert round(cfg["max_iters"] * 320 * 1024 / train.OWT_TOKENS) == 1
+    assert round(cfg["max_iters"] * 320 * 1024 / config.OWT_TOKENS) == 1
 
 
 def test_every_config_file_resolves():
