@@ -301,10 +301,7 @@ def check_model_names(specs: list[str]) -> None:
     """Resolve every --model (model.resolve_model: nothing is loaded or downloaded), so a
     mistyped path fails before any dataset is read."""
     for spec in specs:
-        try:
-            resolve_model(spec)
-        except FileNotFoundError as e:
-            raise FileNotFoundError(f"--model {spec}: {e}") from None
+        resolve_model(spec)
 
 
 def check_writable(path: str) -> None:

@@ -916,8 +916,8 @@ def resolve_model(spec: str) -> ModelSource:
                and not spec.endswith((".pt", ".bin", ".safetensors", ".json")) and all(spec.split("/")))
     if repo_id:
         return ModelSource("hub", spec, spec)
-    raise FileNotFoundError(f"no such file or directory: {spec!r} (no such directory or checkpoint exists, and it "
-                            f"is no hub name); a model is {MODEL_KINDS_HELP}")
+    raise FileNotFoundError(f"no such directory or checkpoint: {spec!r} (no such file or directory, and no hub "
+                            f"name); a model is {MODEL_KINDS_HELP}")
 
 
 def resolve_hf_dir(name_or_dir: str) -> str:

@@ -224,6 +224,7 @@ def test_data_file_rows_are_wikitext_rows(tmp_path, tiktoken_gpt2):
     assert eval_ppl.is_lambada(str(jsonl)) and not eval_ppl.is_lambada(str(path))
 
 
+@pytest.mark.slow
 def test_cli_writes_results_json(tiny_hf_dir, text_file, tmp_path, tiktoken_gpt2):
     out = tmp_path / "results.json"
     env = dict(os.environ)

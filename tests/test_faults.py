@@ -115,6 +115,7 @@ def temp_dirs(parent, base="out"):
     return {n for n in os.listdir(parent) if n.startswith(f"{storage.TEMP_PREFIX}{base}.")}
 
 
+@pytest.mark.slow
 def test_killed_overwrite_leaves_the_old_output_or_the_new_one(tmp_path, corpora, tiktoken_gpt2):
     out = str(tmp_path / "out")
     data.prepare(corpora["old"], out, val_fraction=0.1)
@@ -153,6 +154,7 @@ def test_killed_overwrite_leaves_the_old_output_or_the_new_one(tmp_path, corpora
     assert not leftovers(tmp_path) and snapshot(out) == old
 
 
+@pytest.mark.slow
 def test_ctrl_c_during_overwrite_keeps_the_old_output(tmp_path, corpora, tiktoken_gpt2):
     out = str(tmp_path / "out")
     data.prepare(corpora["old"], out, val_fraction=0.1)
@@ -401,6 +403,7 @@ def tiny_ckpt(tmp_path_factory, tiny_hf_dir):
     return path
 
 
+@pytest.mark.slow
 def test_export_out_rules(tmp_path, tiny_ckpt, monkeypatch):
     transformers = pytest.importorskip("transformers")
     out = tmp_path / "hf"
@@ -440,6 +443,7 @@ def small_text(tmp_path_factory):
     return str(path)
 
 
+@pytest.mark.slow
 def test_eval_cli_mistakes(tmp_path, tiny_hf_dir, small_text):
     latin1 = tmp_path / "latin1.txt"
     latin1.write_bytes("Caf\u00e9\n".encode("latin-1"))
@@ -458,7 +462,7 @@ def test_eval_cli_mistakes(tmp_path, tiny_hf_dir, small_text):
         (base + ("--out", tmp_path), f"--out {tmp_path} is a directory", False),
         # the typo is the second model: it fails before the first one or any dataset is loaded
         (("--model", tiny_hf_dir, "--model", tmp_path / "typo.pt", "--datasets", "wikitext-2"),
-         f"no such directory or checkpoint: --model {tmp_path / 'typo.pt'}", True),
+         f"no such directory or checkpoint: '{tmp_path / 'typo.pt'}'", True),
         (("--model", tiny_hf_dir, "--data-file", latin1, "--device", "cpu"),
          f"--data-file {latin1} is not UTF-8 text (byte 0xe9 at offset 3)", True),
     ]
@@ -504,6 +508,7 @@ def test_eval_out_is_written_atomically(tmp_path, tiny_hf_dir, small_text, monke
 # =============================================================================
 # sample: sample.py
 
+@pytest.mark.slow
 def test_sample_cli_mistakes(tmp_path, tiny_hf_dir):
     base = ("--model", tiny_hf_dir, "--device", "cpu")
     cases = [      # (arguments, the error, whether to run it as a process too)
@@ -885,7 +890,7 @@ def test_train_cli_mistakes(tmp_path, data_dir, pausing_train):
          False),
         (args(mlp="kron", kron_shape=(4, 2, 2)), "kron_shape=(4, 2, 2) must be a pair of positive integers", False),
         (args(config=bad_config), f"config file {bad_config}, line 2: SyntaxError", True),
-        (args(init_from=str(tmp_path / "no_such.pt")), f"no such file or directory: '{tmp_path / 'no_such.pt'}'",
+        (args(init_from=str(tmp_path / "no_such.pt")), f"no such directory or checkpoint: '{tmp_path / 'no_such.pt'}' (no such file or directory",
          False),
         # the data does not fit: found once the data is opened
         (args("out_data", block_size=1000), "fewer than block_size + 2 = 1002; use a smaller block_size", False),

@@ -250,6 +250,7 @@ def test_plan_reproduces_table_1():
     assert {r.a_shape for r in all_rows if r.kron_rank == 768} == set(rows)
 
 
+@pytest.mark.slow
 def test_plan_cli_prints_both_sizes():
     out = subprocess.run([sys.executable, "kronecker.py", "plan", "--factors", "4", "--max-rank-only"],
                          cwd=ROOT, capture_output=True, text=True, check=True).stdout
@@ -258,6 +259,7 @@ def test_plan_cli_prints_both_sizes():
     assert "without wpe" in out
 
 
+@pytest.mark.slow
 def test_plan_cli_refuses_non_positive_sizes_in_one_line(capsys):
     proc = subprocess.run([sys.executable, "kronecker.py", "plan", "--n-embd", "0"], cwd=ROOT,
                           capture_output=True, text=True)

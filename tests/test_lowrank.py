@@ -115,6 +115,7 @@ def test_plan_rank_cli(capsys):
     assert "does not tile" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_lowrank_commands_run_from_any_directory(tmp_path):
     """`python lowrank.py plan-rank|count` hand over to sizes.py (which imports lowrank.py)."""
     lowrank_py = f"{ROOT}/lowrank.py"      # run from tmp_path, not the repository: the CLI finds sizes.py itself

@@ -104,6 +104,7 @@ def test_sampling_is_seeded_and_top_k_1_is_greedy(tiny_hf_dir, tiktoken_gpt2):
     assert n_tokens == 5 and seconds > 0 and len(texts) == 1
 
 
+@pytest.mark.slow
 def test_sample_cli(tiny_hf_dir, tmp_path, tiktoken_gpt2):
     env = dict(os.environ)
     cmd = [sys.executable, os.path.join(ROOT, "sample.py"), "--model", tiny_hf_dir, "--prompt", "To be",

@@ -16,6 +16,7 @@ from conftest import ROOT, VOCAB, argv, kron_run, run, scratch, sha   # and the 
 from model import GPT, GPTConfig, load_checkpoint
 
 
+@pytest.mark.slow
 def test_end_to_end_vl_norm(data_dir, hf_dir, tmp_path):
     out = tmp_path / "run"
     res = kron_run(data_dir, hf_dir, out, max_iters=40, eval_interval=20, eval_iters=4)
@@ -73,6 +74,7 @@ def test_gradient_accumulation_matches_one_big_batch(data_dir, tmp_path):
     assert moved > 5e-4                                       # the step did change the weights
 
 
+@pytest.mark.slow
 def test_ddp_two_processes_match_single_process(data_dir, tmp_path):
     kw = scratch(batch_size=2, gradient_accumulation_steps=4, max_iters=3, eval_interval=3,
                  learning_rate=1e-3, data_dir=data_dir, device="cpu", dtype="float32", block_size=32,
