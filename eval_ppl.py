@@ -429,10 +429,10 @@ def main(argv=None) -> list[dict]:
         check_writable(args.out)
     device = pick_device(args.device)
     dtype = eval_dtype(args.dtype, args.protocol, device, log=lambda m: print(m, file=sys.stderr))
+    data = [(path, read_token_file(path) if path.endswith(".bin") else read_data_file(path))
+            for path in args.data_file]                   # a bad file fails before the tokenizer loads
     text = [p for p in args.data_file if not p.endswith(".bin")] + args.datasets
     enc = gpt2_encoding() if text else None             # token files need no tokenizer
-    data = [(path, read_token_file(path) if path.endswith(".bin") else read_data_file(path))
-            for path in args.data_file]
     data += [(d, load_rows(d, args.split)) for d in args.datasets]
     records = []
     for spec in args.model:
