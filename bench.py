@@ -230,9 +230,9 @@ def layer_table(rows: list[dict]) -> str:
 
 
 def layer_targets(rows: list[dict]) -> dict:
-    """Issue 5: >= 70% of the limit where the limit is ~2 or more (the issue counts (1536, 384) (x) (2, 2),
-    limit 1.99, among them); never slower than materialise-then-matmul (within 5% timing noise: on the
-    materialised path the two are the same computation)."""
+    """The layer targets: >= 70% of the arithmetic limit where the limit is ~2 or more ((1536, 384) (x)
+    (2, 2), limit 1.99, counts among them); never slower than materialise-then-matmul (within 5% timing
+    noise: on the materialised path the two are the same computation)."""
     big = [r for r in rows if round(r["limit"], 1) >= 2]
     return {"rows_with_limit_ge_2": len(big),
             "met_70pct_of_limit": sum(r["fraction_of_limit"] >= 0.7 for r in big),

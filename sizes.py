@@ -237,7 +237,10 @@ def build_parser(prog: str, commands: tuple[str, ...]) -> argparse.ArgumentParse
                             description="Lists every A shape (m1, n1) that tiles c_fc (4*n_embd, n_embd); "
                             "c_proj uses the transposed shapes. Sizes count the tied embedding once; "
                             "'model size' includes the position embeddings, 'without wpe' leaves them out "
-                            "(the paper's '92.2M' convention).")
+                            "(the paper's '92.2M' convention). A row is chosen in train.py and GPTConfig by "
+                            "either of its shapes: kron_shape=(m1, n1) (A) or kron_b_shape=(m2, n2) (B, which "
+                            "means the same at any width). How the factors start: kron_init, prune_b_second, "
+                            "kron_permute (python train.py --help).")
         add_model_sizes(pp, n_head=False)
         pp.add_argument("--factors", type=int, default=1, help="number k of Kronecker factors per matrix")
         pp.add_argument("--scalars", action="store_true", help="count one trained scalar per factor")

@@ -436,6 +436,19 @@ def snapshot_dir(d) -> dict:
 # =============================================================================
 # eval: eval_ppl.py
 
+def check_cli_mistakes(script: str, main, cases: list[tuple]) -> None:
+    """Each (arguments, message, as_process) case: main() raises one line holding the message; those
+    marked as_process also run as the script: exit 2, that one line on stderr, nothing on stdout."""
+    for args, message, _ in cases:
+        with pytest.raises((ValueError, FileNotFoundError)) as e:
+            main([str(a) for a in args])
+        assert message in str(e.value) and "\n" not in str(e.value)
+    procs = run_clis([(script, *args) for args, _, as_process in cases if as_process])
+    for proc, message in zip(procs, [m for _, m, as_process in cases if as_process]):
+        assert_one_line_error(proc, message)
+        assert proc.stdout == ""
+
+
 @pytest.fixture(scope="module")
 def small_text(tmp_path_factory):
     path = tmp_path_factory.mktemp("eval") / "text.txt"
@@ -468,14 +481,7 @@ def test_eval_cli_mistakes(tmp_path, tiny_hf_dir, small_text):
     ]
     if not torch.cuda.is_available():
         cases.append((base + ("--device", "cuda"), "torch sees no CUDA GPU", False))
-    for args, message, _ in cases:
-        with pytest.raises((ValueError, FileNotFoundError)) as e:
-            eval_ppl.main([str(a) for a in args])
-        assert message in str(e.value) and "\n" not in str(e.value)
-    procs = run_clis([("eval_ppl.py", *args) for args, _, as_process in cases if as_process])
-    for proc, message in zip(procs, [m for _, m, as_process in cases if as_process]):
-        assert_one_line_error(proc, message)
-        assert proc.stdout == ""                  # nothing evaluated: no table
+    check_cli_mistakes("eval_ppl.py", eval_ppl.main, cases)      # nothing evaluated: no table on stdout
     assert not leftovers(tmp_path)
 
 
@@ -520,14 +526,7 @@ def test_sample_cli_mistakes(tmp_path, tiny_hf_dir):
         (base + ("--temperature", "-1"), "--temperature -1.0: must be >= 0", False),
         (("--model", tmp_path / "none.pt"), "no such directory or checkpoint", False),
     ]
-    for args, message, _ in cases:
-        with pytest.raises((ValueError, FileNotFoundError)) as e:
-            sample.main([str(a) for a in args])
-        assert message in str(e.value) and "\n" not in str(e.value)
-    procs = run_clis([("sample.py", *args) for args, _, as_process in cases if as_process])
-    for proc, message in zip(procs, [m for _, m, as_process in cases if as_process]):
-        assert_one_line_error(proc, message)
-        assert proc.stdout == ""
+    check_cli_mistakes("sample.py", sample.main, cases)
 
 
 # =============================================================================

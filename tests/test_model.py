@@ -53,7 +53,7 @@ def test_num_params_counts_the_tied_matrix_once():
 
 
 def test_gpt2_small_sizes_without_download():
-    # model sizes of SPEC Table 1, from a real-size (random) model; no weights needed
+    # model sizes of the paper's Table 1, from a real-size (random) model; no weights needed
     with torch.device("meta"):
         dense = GPT(GPTConfig())
         k81 = GPT(GPTConfig(mlp="kron", kron_shape=(1536, 384)))

@@ -94,7 +94,8 @@ def test_tiny_study_end_to_end_and_resume(tmp_path, data_dir, capsys):
 
 @pytest.mark.slow
 def test_killed_study_resumes_without_redoing_finished_runs(tmp_path, data_dir):
-    text = TINY.replace("max_iters = 6", "max_iters = 60").replace("eval_interval = 3", "eval_interval = 20")
+    # long enough after the first checkpoint (iteration 20) that the kill lands in the middle of the run
+    text = TINY.replace("max_iters = 6", "max_iters = 200").replace("eval_interval = 3", "eval_interval = 20")
     path = study_file(tmp_path, data_dir, text)
     out = tmp_path / "out"
     proc = subprocess.Popen([sys.executable, "study.py", path], cwd=ROOT, stdout=subprocess.PIPE,
@@ -102,12 +103,13 @@ def test_killed_study_resumes_without_redoing_finished_runs(tmp_path, data_dir):
     second = out / "vl-norm-b2x2" / "ckpt_last.pt"
     deadline = time.time() + 240
     while not second.exists() and time.time() < deadline and proc.poll() is None:
-        time.sleep(0.2)
+        time.sleep(0.05)
     assert second.exists(), "the second run never saved a checkpoint"
     teacher_mtime = os.stat(out / "teacher" / "ckpt_last.pt").st_mtime_ns
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     time.sleep(1.0)                           # its training child ends with it (PR_SET_PDEATHSIG)
+    assert not (out / "vl-norm-b2x2" / "run.json").exists(), "the run finished before the kill"
     done = subprocess.run([sys.executable, "study.py", path], cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
     assert "teacher: finished earlier, skipped" in done.stdout
@@ -115,7 +117,7 @@ def test_killed_study_resumes_without_redoing_finished_runs(tmp_path, data_dir):
     log = (out / "vl-norm-b2x2" / "train.log").read_text()
     assert "resuming" in log                  # the interrupted run continued from its checkpoint
     saved = json.loads((out / "study.json").read_text())
-    assert all(r["status"] == "ok" for r in saved) and saved[1]["tokens"] == 60 * 64
+    assert all(r["status"] == "ok" for r in saved) and saved[1]["tokens"] == 200 * 64
 
 
 BAD = [

@@ -95,7 +95,7 @@ def test_ddp_two_processes_match_single_process(data_dir, tmp_path):
 
 # ----------------------------------------------------------------------------- configs
 
-EXPECTED_SIZES = {          # SPEC Table 1 (with position embeddings); 92M adds its 4*2*12 scalars
+EXPECTED_SIZES = {          # the paper's Table 1 (with position embeddings); 92M adds its 4*2*12 scalars
     "krony81m.py": 81_972_576, "krony96m_prune.py": 96_128_304,
     "krony96m_vl.py": 96_128_304, "krony92m_4factors.py": 92_983_392 + 96,
     "krony80m_2factors.py": 80_400_048, "krony67m.py": 67_893_504,
