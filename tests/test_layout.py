@@ -103,3 +103,16 @@ def test_sizes_is_a_library_the_core_does_not_import():
         with open(os.path.join(ROOT, f"{layer}.py"), encoding="utf-8") as f:
             source = f.read()
         assert has_main_block(source) and "sizes.main(" in source
+
+
+def test_no_script_imports_another_script():
+    """What two scripts share lives in a small library module (data, runtime, storage, config, sizes)."""
+    graph = project_graph()
+    scripts = set()
+    for name in graph:
+        with open(os.path.join(ROOT, f"{name}.py"), encoding="utf-8") as f:
+            if has_main_block(f.read()) and name not in (*LAYERS, "model"):
+                scripts.add(name)
+    assert {"train", "study", "eval_ppl", "sample", "export_hf", "prepare_owt", "bench", "compare_init"} <= scripts
+    for script in sorted(scripts):
+        assert not graph[script] & scripts, f"{script}.py imports the script(s) {sorted(graph[script] & scripts)}"
