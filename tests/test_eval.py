@@ -276,6 +276,7 @@ def test_bad_inputs_give_clear_errors(tmp_path, tiny_hf_dir, monkeypatch):
     assert calls == [None, "refs/convert/parquet"]
 
 
+@pytest.mark.slow
 def test_cli_error_messages(tmp_path):
     env = dict(os.environ)
     proc = subprocess.run([sys.executable, os.path.join(ROOT, "eval_ppl.py"), "--model",

@@ -184,6 +184,7 @@ def test_kill_between_the_two_renames_is_repaired(tmp_path, corpora, tiktoken_gp
     assert snapshot(out) == old and not leftovers(tmp_path)
 
 
+@pytest.mark.slow
 def test_second_prepare_waits_for_the_first(tmp_path, corpora, tiktoken_gpt2):
     """Runs of a sweep that share a data_dir: the second waits, then finds the output finished."""
     out = tmp_path / "out"
@@ -290,6 +291,7 @@ def test_bad_input_files_are_one_line_naming_the_file(tmp_path, capsys, name, co
     assert not out.exists() and not leftovers(tmp_path)
 
 
+@pytest.mark.slow
 def test_bad_file_among_good_ones_and_the_cli_process(tmp_path, corpora, capsys):
     folder = tmp_path / "docs"
     folder.mkdir()

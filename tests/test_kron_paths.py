@@ -329,6 +329,7 @@ def test_bench_gemm_seconds_counts_only_matrix_products():
     assert bench.gemm_seconds(layer, 48, tokens=256, repeats=2) > 0
 
 
+@pytest.mark.slow
 def test_bench_bad_section_is_a_clear_error():
     proc = subprocess.run([sys.executable, "bench.py", "--sections", "layers"], cwd=ROOT,
                           capture_output=True, text=True, timeout=120)

@@ -137,6 +137,7 @@ def test_bad_study_files_are_clear_errors(tmp_path, data_dir, runs, match):
     assert not (tmp_path / "out").exists()                # refused before any work
 
 
+@pytest.mark.slow
 def test_teacher_that_cannot_be_loaded_and_cli_errors(tmp_path, data_dir):
     text = TINY.replace(TINY.split("data_dir")[0], "teacher = 'no/such/teacher.pt'\n")
     with pytest.raises(study.StudyError, match="teacher='no/such/teacher.pt' cannot be loaded.*no such file"):
