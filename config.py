@@ -13,7 +13,7 @@ import difflib
 import inspect
 import os
 import typing
-from dataclasses import MISSING, asdict, dataclass, field, fields
+from dataclasses import MISSING, asdict, dataclass, field, fields, replace
 from typing import Optional
 
 from model import DIMENSIONS, INIT_ONLY, GPTConfig, source_config
@@ -139,11 +139,11 @@ class TrainConfig:
                 raise ConfigError(f"init_from={self.init_from!r}: {e}") from None
             if source is None:
                 return None
-        base = {"block_size": self.block_size} if source is None else \
-            {k: getattr(source, k) for k in DIMENSIONS + ("untied_head",)}
-        model = self.model if source is None else {k: v for k, v in self.model.items() if k not in DIMENSIONS}
         try:
-            return GPTConfig(**{**base, **model})
+            if source is None:
+                return GPTConfig(block_size=self.block_size, **self.model)
+            # the source fixes the dimensions; every other model key the config sets changes it
+            return replace(source, **{k: v for k, v in self.model.items() if k not in DIMENSIONS})
         except (ValueError, TypeError) as e:
             raise ConfigError(str(e)) from None
 

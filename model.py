@@ -534,9 +534,13 @@ class GPT(nn.Module):
 
     @classmethod
     def from_checkpoint(cls, path: str, map_location="cpu") -> "GPT":
-        ckpt = load_checkpoint(path, map_location)
+        return cls.from_checkpoint_dict(load_checkpoint(path, map_location), source=path)
+
+    @classmethod
+    def from_checkpoint_dict(cls, ckpt: dict, source: str = "checkpoint") -> "GPT":
+        """The model of a loaded checkpoint, built with the architecture it was saved with."""
         model = cls(GPTConfig.from_dict(ckpt["model_config"]))
-        model.load_checkpoint_weights(ckpt, source=path)
+        model.load_checkpoint_weights(ckpt, source=source)
         return model
 
     def load_checkpoint_weights(self, ckpt: dict, source: str = "checkpoint") -> None:

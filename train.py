@@ -46,7 +46,7 @@ import math
 import os
 import sys
 import time
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, fields
 from typing import Optional
 
 import torch
@@ -85,8 +85,7 @@ def build_model(cfg: TrainConfig, log) -> GPT:
         found = resolve_model(init)
         if found.kind == "checkpoint":      # weights only: fresh optimizer, iteration 0
             ckpt = load_checkpoint(found.path)
-            model = GPT(GPTConfig.from_dict(ckpt["model_config"]))
-            model.load_checkpoint_weights(ckpt, source=found.path)
+            model = GPT.from_checkpoint_dict(ckpt, source=found.path)
             log(f"loaded the weights of {found.path} (iteration {ckpt.get('iter_num', '?')})")
             changed = sorted(k for k in DIMENSIONS if k in cfg.model and cfg.model[k] != getattr(model.config, k))
             if changed:
@@ -97,7 +96,7 @@ def build_model(cfg: TrainConfig, log) -> GPT:
             if ignored:
                 log(f"note: init_from={init!r} fixes {', '.join(ignored)}; the config's values are ignored")
             model = GPT.from_pretrained(init)
-        target = replace(model.config, **{k: v for k, v in cfg.model.items() if k not in DIMENSIONS})
+        target = cfg.model_config(model.config)
         if architecture(target) == architecture(model.config):
             return model.rebuilt(dropout=target.dropout) if target.dropout != model.config.dropout else model
         model, report = compress(model, target)
@@ -292,17 +291,18 @@ class Trainer:
         # what init_from and distill_from name (and the factor shapes on init_from's matrices), before
         # any work and before out_dir is touched
         for key in ("init_from", "distill_from"):
-            try:
-                if key == "init_from" and cfg.init_from not in ("scratch", "resume"):
-                    cfg.model_config()
-                elif key == "distill_from" and cfg.distill_from:
-                    resolve_model(cfg.distill_from)
-            except FileNotFoundError as e:
-                raise ConfigError(f"{key}={getattr(cfg, key)!r}: {e}") from None
+            spec = getattr(cfg, key)
+            if spec not in ("", "scratch", "resume"):
+                try:
+                    resolve_model(spec)
+                except FileNotFoundError as e:
+                    raise ConfigError(f"{key}={spec!r}: {e}") from None
         try:
             self.device = runtime.pick_device(cfg.device, dist.local_rank)
         except ValueError as e:
             raise ConfigError(str(e)) from None
+        if dist.ddp:
+            torch.distributed.init_process_group(backend="nccl" if self.device.type == "cuda" else "gloo")
         self.dtype = runtime.pick_dtype(cfg.dtype, self.device, self.log)
         if self.device.type == "cpu":
             runtime.keep_freed_memory()         # the CPU step's big tensors: no fresh pages every step
@@ -316,7 +316,8 @@ class Trainer:
             self.data.check_block_size(cfg.block_size)
         except data.DataError as e:
             raise ConfigError(str(e)) from None
-        self.model = self.restore_model(ckpt) if ckpt else build_model(cfg, self.log)
+        # resumed: exactly as the run built it (its stored architecture, whatever the config says)
+        self.model = GPT.from_checkpoint_dict(ckpt, source=self.resume_path) if ckpt else build_model(cfg, self.log)
         if cfg.block_size > self.model.config.block_size:
             raise ConfigError(f"block_size={cfg.block_size} is longer than the model's context "
                               f"{self.model.config.block_size}")
@@ -356,12 +357,15 @@ class Trainer:
         # the run's state is in ckpt_last.pt, or in ckpt_best.pt alone when a kill came between the
         # first ckpt_best.pt and its copy ckpt_last.pt
         found = [p for p in (self.ckpt_last, self.ckpt_best) if os.path.isfile(p)]
-        if cfg.init_from == "resume":
-            if not found:
+        if not found:
+            if cfg.init_from == "resume":
                 raise TrainError(f"init_from='resume' but there is no {self.ckpt_last}; start the run with "
                                  "another init_from")
-            ckpt = self.read_run_checkpoint(found[0])
-            diff = config_diff(ckpt["config"], self.stored)
+            return None
+        self.resume_path = found[0]
+        ckpt = self.read_run_checkpoint(self.resume_path)
+        diff = config_diff(ckpt["config"], self.stored)
+        if cfg.init_from == "resume":
             fixed = {k: v for k, v in diff.items() if k in FIXED_ON_RESUME}
             if fixed:
                 raise ConfigError(f"cannot resume {cfg.out_dir} with another model configuration or optimizer structure "
@@ -370,10 +374,6 @@ class Trainer:
             if diff:
                 self.log(f"resuming with changed settings: {format_diff(diff)}")
             return ckpt
-        if not found:
-            return None
-        ckpt = self.read_run_checkpoint(found[0])
-        diff = config_diff(ckpt["config"], self.stored)
         if not diff:
             self.log(f"{cfg.out_dir} holds this run at iteration {ckpt['iter_num']}: resuming it "
                      "(--overwrite=True starts over)")
@@ -395,26 +395,21 @@ class Trainer:
                               f"resumed; start a new run from it with --init_from={path} and another out_dir")
         return ckpt
 
-    def restore_model(self, ckpt: dict) -> GPT:
-        """The model exactly as the run built it (its stored architecture, whatever the config says)."""
-        model = GPT(GPTConfig.from_dict(ckpt["model_config"]))
-        model.load_checkpoint_weights(ckpt, source=self.ckpt_last)
-        return model
-
     def restore(self, ckpt: dict) -> None:
         """Optimizer, scaler, iteration, best loss, history and RNGs of a saved run."""
         cfg = self.cfg
         try:
             self.optimizer.load_state_dict(ckpt["optimizer"])
         except (ValueError, KeyError) as e:
-            raise TrainError(f"the optimizer state of {self.ckpt_last} does not fit this run ({e}); start a new "
-                             f"run from its weights with --init_from={self.ckpt_last}") from None
+            raise TrainError(f"the optimizer state of {self.resume_path} does not fit this run ({e}); start a new "
+                             f"run from its weights with --init_from={self.resume_path}") from None
         for group, wd in zip(self.optimizer.param_groups, (cfg.weight_decay, 0.0)):   # settings may change
             group.update(betas=(cfg.beta1, cfg.beta2), weight_decay=wd)
         if ckpt.get("scaler"):
             self.scaler.load_state_dict(ckpt["scaler"])
         self.iter_num, self.best_val_loss = ckpt["iter_num"], ckpt["best_val_loss"]
-        if os.path.isfile(self.ckpt_best):      # a kill between the two writes leaves the best one newer
+        # a kill between the two writes leaves the best one newer
+        if self.resume_path != self.ckpt_best and os.path.isfile(self.ckpt_best):
             best = load_checkpoint(self.ckpt_best, mmap=True).get("best_val_loss", self.best_val_loss)
             self.best_val_loss = min(self.best_val_loss, best)
         self.history, self.train_seconds = list(ckpt.get("history", [])), ckpt.get("train_seconds", 0.0)
@@ -519,12 +514,16 @@ class Trainer:
             loss = loss + cfg.distill_hidden * hidden_mse(hidden, t_hidden)
         return loss
 
-    def draw_offsets(self) -> torch.Tensor:
-        # the whole step's batch is drawn on every rank; each rank takes its own micro-steps
+    def draw_step(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The next step's batch: the data RNG state before drawing it (what a checkpoint stores), the
+        offsets of this rank's micro-steps, and the first micro-batch X, Y."""
         cfg, rank = self.cfg, self.dist.rank
+        rng_state = self.data_gen.get_state()
+        # the whole step's batch is drawn on every rank; each rank takes its own micro-steps
         offs = self.data.sample_offsets("train", cfg.block_size, (cfg.gradient_accumulation_steps, cfg.batch_size),
                                         self.data_gen)                               # (accum_total, B)
-        return offs[rank * self.accum:(rank + 1) * self.accum]                       # (accum, B)
+        offsets = offs[rank * self.accum:(rank + 1) * self.accum]                    # (accum, B)
+        return rng_state, offsets, *self.data.batch("train", offsets[0], cfg.block_size, self.device)
 
     def run(self) -> dict:
         cfg, dist = self.cfg, self.dist
@@ -556,9 +555,7 @@ class Trainer:
 
         if cfg.eval_at_start and self.iter_num == 0:
             self.evaluate()
-        rng_state = self.data_gen.get_state()          # the data RNG before drawing the next step's batch
-        offsets = self.draw_offsets()
-        X, Y = self.data.batch("train", offsets[0], T, self.device)
+        rng_state, offsets, X, Y = self.draw_step()
         pending: list[torch.Tensor] = []
         t_last, it_last = time.time(), self.iter_num
         while self.iter_num < cfg.max_iters:
@@ -576,9 +573,7 @@ class Trainer:
                 if micro + 1 < self.accum:
                     X, Y = self.data.batch("train", offsets[micro + 1], T, self.device)
                 else:
-                    rng_state = self.data_gen.get_state()
-                    offsets = self.draw_offsets()
-                    X, Y = self.data.batch("train", offsets[0], T, self.device)
+                    rng_state, offsets, X, Y = self.draw_step()
                 loss_sum += loss.detach().float()
                 self.scaler.scale(loss).backward()
             if cfg.grad_clip > 0:
@@ -624,8 +619,8 @@ class Trainer:
         cfg, m = self.cfg, self.model
         summary = {"out_dir": cfg.out_dir, "iter_num": self.iter_num, "max_iters": cfg.max_iters,
                    "finished": self.iter_num >= cfg.max_iters, "best_val_loss": self.best_val_loss,
-                   "history": self.history, "tokens": self.iter_num * cfg.gradient_accumulation_steps
-                   * cfg.batch_size * cfg.block_size, "train_seconds": self.train_seconds,
+                   "history": self.history, "tokens": self.iter_num * self.tokens_per_iter,
+                   "train_seconds": self.train_seconds,
                    "num_params": m.num_params(), "num_params_no_wpe": m.num_params(include_wpe=False),
                    "num_params_no_head": m.num_params(include_head=False), "config": self.stored}
         summary["tokens_per_s"] = summary["tokens"] / self.train_seconds if self.train_seconds else None
@@ -680,9 +675,6 @@ def train(cfg: TrainConfig) -> dict:
     processes), "iters": their iteration numbers, "evals": [{"iter", "train", "val"}],
     "best_val_loss", "iter_num", "model": the trained (unwrapped) model, "summary": run.json}."""
     dist = Distributed.from_env()
-    if dist.ddp:
-        device = runtime.pick_device(cfg.device, dist.local_rank)
-        torch.distributed.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
     trainer = Trainer(cfg, dist)
     try:
         result = trainer.run()
@@ -697,7 +689,7 @@ def train(cfg: TrainConfig) -> dict:
     finally:
         if getattr(trainer, "lock", None):
             trainer.lock.release()
-        if dist.ddp:
+        if dist.ddp and torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
 
 

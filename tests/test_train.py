@@ -59,6 +59,19 @@ def test_finetune_from_checkpoint_is_weights_only(data_dir, hf_dir, tmp_path):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-7)
 
 
+def test_config_from_a_compressed_checkpoint_is_checked_as_that_model(data_dir, hf_dir, tmp_path):
+    kron_run(data_dir, hf_dir, tmp_path / "pre", max_iters=2, eval_interval=2)
+    ckpt = str(tmp_path / "pre" / "ckpt_best.pt")
+    cfg = config.resolve_config(None, argv(init_from=ckpt, learning_rate=1e-4))
+    assert cfg.model_config().mlp == "kron" and cfg.model_config().kron_shape == (64, 16)
+    # the checkpoint has kron_shape already: kron_b_shape too is refused up front, before out_dir
+    with pytest.raises(config.ConfigError, match="kron_b_shape"):
+        config.resolve_config(None, argv(init_from=ckpt, kron_b_shape=(2, 2)))
+    with pytest.raises(config.ConfigError, match="kron_b_shape"):
+        run(data_dir, tmp_path / "fine", init_from=ckpt, kron_b_shape=(2, 2))
+    assert not (tmp_path / "fine").exists()
+
+
 def test_gradient_accumulation_matches_one_big_batch(data_dir, tmp_path):
     kw = scratch(max_iters=1, eval_interval=1, learning_rate=1e-3, weight_decay=0.0, grad_clip=0.0)
     one = run(data_dir, tmp_path / "one", batch_size=8, gradient_accumulation_steps=1, **kw)
