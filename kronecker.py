@@ -267,12 +267,12 @@ class KronLinear(nn.Module):
 
     @torch.no_grad()
     def init_from_weight(self, W: torch.Tensor, init: str = "vl-norm", svd: str = "exact",
-                         prune_b_second: float = 0.1) -> None:
+                         prune_b_second: float = 0.1, random_std: float = 0.02) -> None:
         """Set the factors from a dense weight W (out, in) with one of INITS.
 
-        "random" ignores W's values: a fresh weight of standard deviation 0.02, GPT-2's init
-        for a dense layer (init_random). The layer does not know where it sits in the model;
-        a model that gives its residual projections (c_proj) a smaller std sets that itself.
+        "random" ignores W's values: a fresh weight of standard deviation random_std (init_random;
+        0.02 is GPT-2's init for a dense layer). The layer does not know where it sits in the
+        model; compress passes the std of the weight it replaces.
         "prune" uses B = [1, prune_b_second] (see prune_factors)."""
         if init not in INITS:
             raise ValueError(f"unknown Kronecker init {init!r}; choose one of {', '.join(INITS)}")
@@ -282,7 +282,7 @@ class KronLinear(nn.Module):
         if self.scalars is not None:
             self.scalars.fill_(1.0)
         if init == "random":
-            self.init_random(0.02)
+            self.init_random(random_std)
         elif init == "prune":
             if self.k > 1:
                 raise ValueError("init='prune' makes one factor; use k=1 (kron_factors=1)")

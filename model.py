@@ -148,10 +148,9 @@ def build_kron(spec: dict, in_features: int, out_features: int, bias: bool) -> K
 
 
 def init_kron(layer: KronLinear, W: torch.Tensor, spec: dict) -> None:
-    if spec["kron_init"] == "random":       # the spread of the dense layer it replaces, not the factors'
-        layer.init_random(W.float().std().item())
-    else:
-        layer.init_from_weight(W, spec["kron_init"], spec["svd"], prune_b_second=spec["prune_b_second"])
+    # random: the spread of the dense layer it replaces
+    layer.init_from_weight(W, spec["kron_init"], spec["svd"], prune_b_second=spec["prune_b_second"],
+                           random_std=W.float().std().item())
 
 
 METHODS = {

@@ -4,7 +4,7 @@ import torch
 import torch.nn as nn
 
 from kronecker import KronLinear, SparseResidual, sparse_count
-from model import GPT, GPTConfig
+from model import GPT, GPTConfig, compress
 
 
 def kron_with_outliers(seed=0, n_outliers=6):
@@ -51,6 +51,25 @@ def test_error_falls_monotonically_with_p_and_p1_is_exact():
     assert all(b < a for a, b in zip(errors, errors[1:])), errors
     full = layer_for(W, 1.0)
     assert torch.allclose(full.materialize() + full.sparse.to_dense(), W, atol=1e-6)
+
+
+def test_random_init_keeps_the_residual_of_its_random_factors():
+    """compress with kron_init="random" and kron_sparse: the sparse term holds the largest entries
+    of W minus the random product, as for every other init (and KronLinear.from_linear)."""
+    torch.manual_seed(0)
+    dense = GPT(GPTConfig(n_layer=1, n_head=2, n_embd=32, block_size=16, vocab_size=64))
+    model, _ = compress(dense, mlp="kron", kron_shape=(32, 8), kron_init="random", kron_sparse=0.05)
+    for name in ("c_fc", "c_proj"):
+        W = getattr(dense.transformer.h[0].mlp, name).weight.detach()
+        layer = getattr(model.transformer.h[0].mlp, name)
+        R = W - layer.materialize().detach()
+        S = layer.sparse.to_dense()
+        nnz = layer.sparse.values.numel()
+        kept = S.reshape(-1).nonzero().squeeze(1)
+        assert kept.numel() == nnz
+        assert torch.equal(S.reshape(-1)[kept], R.reshape(-1)[kept])
+        assert R.reshape(-1)[kept].abs().min() >= R.abs().reshape(-1).kthvalue(R.numel() - nnz).values
+        assert layer.materialize().std().item() == pytest.approx(W.std().item(), rel=1e-4)
 
 
 @pytest.mark.parametrize("a_shape", [(6, 4), (24, 16)])   # factored path, and B = 1x1 (materialised path)
