@@ -816,15 +816,17 @@ def _assign(cost: torch.Tensor) -> torch.Tensor:
     return perm.to(cost.device)
 
 
-def _alternate(terms: list[PermutationTerm], start: torch.Tensor, svd: str,
-               max_iters: int, tol: float) -> tuple[torch.Tensor, list[float], int]:
+def _alternate(terms: list[PermutationTerm], start: torch.Tensor, svd: str, max_iters: int, tol: float,
+               evaluated: tuple[list[float], list[torch.Tensor]] | None = None
+               ) -> tuple[torch.Tensor, list[float], int]:
     """From the order `start`, alternate Van Loan at the current order with moving every
     index to the position whose approximation it is closest to, while the summed relative
     error drops by more than tol (relative). For "vl" neither step can raise the summed
     squared error: the assignment is optimal for fixed approximations, Van Loan for a fixed
-    order. Returns the best order seen, its errors and the iterations run."""
+    order. evaluated: _evaluate's result at `start` where the caller has it. Returns the best
+    order seen, its errors and the iterations run."""
     best = start
-    best_errors, approximations = _evaluate(terms, start, svd)
+    best_errors, approximations = evaluated or _evaluate(terms, start, svd)
     iterations = 0
     while iterations < max_iters:
         iterations += 1
@@ -975,10 +977,10 @@ def permutation_search(terms: list[PermutationTerm], structured: bool = True, sv
         raise ValueError("the matrices of one permutation must put their units at the same block positions, got "
                          + ", ".join(str(t.positions) for t in terms))
     identity = torch.arange(positions[0] * positions[1], device=terms[0].W.device)
-    before, _ = _evaluate(terms, identity, svd)
+    before, approximations = _evaluate(terms, identity, svd)
     if min(positions) == 1:                  # the order only permutes A's or B's rows (columns)
         return PermutationSearch(identity.cpu(), before, before)
-    perm, errors, iterations = _alternate(terms, identity, svd, max_iters, tol)
+    perm, errors, iterations = _alternate(terms, identity, svd, max_iters, tol, (before, approximations))
     found = PermutationSearch(perm, before, errors, iterations, "identity")
     units, ks = [t.units() for t in terms], [t.k for t in terms]
     if structured and any(s > k for M, k in zip(units, ks) for s in M.shape[1:]):

@@ -21,8 +21,8 @@ import torch.nn as nn
 from torch.nn import functional as F
 
 import storage
-from kronecker import (INITS, KronLinear, PermutationTerm, a_shape_for, b_shape_for, frozen_kron_weights,
-                       permutation_search, relative_error, swap_hidden_order)
+from kronecker import (INITS, PERMUTATION_OBJECTIVES, KronLinear, PermutationTerm, a_shape_for, b_shape_for,
+                       frozen_kron_weights, permutation_search, relative_error, swap_hidden_order)
 from lowrank import LowRankLinear, SharedBasisLinear, init_shared_group, tie_bases
 
 LINEAR_NAMES = ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")  # the linears of a Block
@@ -83,10 +83,9 @@ class GPTConfig:
         self.compress_targets = tuple(check_target(t, self, f"target {t.get('pattern')!r}: " if isinstance(t, dict)
                                                    else "") for t in self.compress_targets or ())
         # the paper's setup: every MLP by the fields above (checked like any target)
-        implicit = {"pattern": "mlp.*", "layers": "all", "method": self.mlp}
-        implicit.update({k: getattr(self, k) for k in LINEAR_OPTIONS if getattr(self, k) is not None})
+        implicit = {"pattern": "mlp.*", "layers": "all", "method": self.mlp}    # options: the fields above
         self.targets = self.compress_targets + (check_target(implicit, self, where=""),)
-        if self.kron_permute and not any(t["method"] == "kron" and t["kron_init"] in ("vl", "vl-norm")
+        if self.kron_permute and not any(t["method"] == "kron" and t["kron_init"] in PERMUTATION_OBJECTIVES
                                          and fnmatchcase("mlp.c_fc", t["pattern"]) for t in self.targets):
             raise ValueError(f"kron_permute={self.kron_permute!r} reorders the MLPs for a Van Loan init: it needs "
                              "Kronecker MLPs with kron_init 'vl' or 'vl-norm'")
@@ -792,7 +791,7 @@ def permutation_terms(model: GPT, config: GPTConfig, hidden_of: int | None) -> l
     for i in layers:
         for name, hidden_axis in (("mlp.c_fc", 0), ("mlp.c_proj", 1)):
             spec = linear_spec(config, i, name)
-            if spec["method"] != "kron" or spec["kron_init"] not in ("vl", "vl-norm"):
+            if spec["method"] != "kron" or spec["kron_init"] not in PERMUTATION_OBJECTIVES:
                 continue
             W = model.transformer.h[i].get_submodule(name).weight.detach().float()
             a = kron_a_shape(spec, *W.shape)
@@ -809,7 +808,12 @@ def search_permutations(model: GPT, config: GPTConfig, residual: bool, svd: str 
     searches alternate, each from the order the other left, while the sum drops by more than tol
     (relative); the first round runs the one that gains more first (an order found while the other
     axis is still shuffled would hide the structure from it). `model` is not changed."""
-    work = deepcopy(model).float()
+    return _search_permutations_(deepcopy(model), config, residual, svd, max_rounds, tol)
+
+
+def _search_permutations_(work: GPT, config: GPTConfig, residual: bool, svd: str = "exact",
+                          max_rounds: int = 10, tol: float = 1e-4) -> Permutations:
+    """search_permutations on `work` itself: it ends permuted by the orders returned."""
     n = config.n_layer
     found = Permutations([torch.arange(4 * config.n_embd) for _ in range(n)], torch.arange(config.n_embd))
 
@@ -863,11 +867,8 @@ def permuted(model: GPT, config: GPTConfig, svd: str = "exact") -> GPT:
     """A copy of the dense `model` with its MLP hidden units (and, for kron_permute="hidden+residual",
     its residual stream) reordered so that the Van Loan approximations `config` asks for lose less.
     The same function: the permutations are free, at init and at run time."""
-    found = search_permutations(model, config, residual=config.kron_permute == "hidden+residual", svd=svd)
     new = deepcopy(model)
-    for i, perm in enumerate(found.hidden):
-        permute_hidden_(new, i, perm)
-    permute_residual_(new, found.residual)
+    _search_permutations_(new, config, residual=config.kron_permute == "hidden+residual", svd=svd)
     return new
 
 

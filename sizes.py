@@ -86,7 +86,7 @@ def plan(n_embd: int = 768, n_layer: int = 12, vocab: int = 50257, block_size: i
             kr = min(a) * min(b)
             if max_rank_only and kr != n_embd:
                 continue
-            mp = factors * (a[0] * a[1] + b[0] * b[1] + (1 if scalars else 0))
+            mp = kron_matrix_params((out_f, in_f), a, factors, scalars)
             rows.append(PlanRow(a, b, mp, rank_bound(a, b), kr,
                                 gpt_param_count(n_embd, n_layer, vocab, block_size, mp, True),
                                 gpt_param_count(n_embd, n_layer, vocab, block_size, mp, False)))
