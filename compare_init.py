@@ -27,18 +27,21 @@ import torch
 import torch.nn as nn
 from tqdm import tqdm
 
+from data import gpt2_encoding, read_meta
 from kronecker import b_shape_for
 from model import GPT, LINEAR_NAMES, compress
 from sizes import format_rows, match_mlp_ranks
 
 
 def load_tokens(path: str) -> np.ndarray:
-    """Token ids from a uint16 .bin memmap (prepare_owt.py) or a text file (tiktoken gpt2)."""
+    """Token ids from a .bin memmap (prepare_owt.py; its dtype from the meta.json beside it, uint16
+    without one) or a text file (tiktoken gpt2)."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"no data file {path}: pass a token .bin (prepare_owt.py) or a text file")
     if path.endswith(".bin"):
-        return np.memmap(path, dtype=np.uint16, mode="r")
-    from data import gpt2_encoding
+        directory = os.path.dirname(os.path.abspath(path))
+        has_meta = os.path.isfile(os.path.join(directory, "meta.json"))
+        return np.memmap(path, dtype=read_meta(directory)["dtype"] if has_meta else np.uint16, mode="r")
     with open(path, encoding="utf-8") as f:
         text = f.read()
     return np.array(gpt2_encoding().encode_ordinary(text), dtype=np.int64)

@@ -68,6 +68,13 @@ def test_bad_input_is_a_clear_error(setup, capsys):
     assert "no data file" in capsys.readouterr().err
 
 
+def test_token_file_is_read_with_the_dtype_its_meta_records(tmp_path):
+    import data
+    ids = np.array([1, 70000, 50256, 3])
+    data.write_token_files(str(tmp_path), {"train": ids, "val": ids}, vocab_size=100000, dtype="uint32")
+    assert compare_init.load_tokens(str(tmp_path / "val.bin")).tolist() == ids.tolist()
+
+
 def test_text_file_is_tokenised_with_gpt2_bpe(setup, capsys, tiktoken_gpt2, tmp_path):
     text = tmp_path / "t.txt"
     text.write_text("The quick brown fox jumps over the lazy dog. " * 40)
