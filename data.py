@@ -213,10 +213,6 @@ def txt_documents(files: list[str], txt_docs: str) -> Iterator[dict]:
             yield {"text": doc}
 
 
-def _txt_gen(files: list[str], txt_docs: str) -> Iterator[dict]:
-    yield from txt_documents(files, txt_docs)
-
-
 def load_local(files: list[str], text_column: str, txt_docs: str, cache_dir: str):
     """A `datasets` Dataset of local files (its cache in cache_dir) and the column holding the text.
     A library error reading them becomes a DataError naming the files."""
@@ -224,7 +220,7 @@ def load_local(files: list[str], text_column: str, txt_docs: str, cache_dir: str
     kind = local_kind(files)
     try:
         if kind == "txt":
-            ds = datasets.Dataset.from_generator(_txt_gen, gen_kwargs={"files": files, "txt_docs": txt_docs},
+            ds = datasets.Dataset.from_generator(txt_documents, gen_kwargs={"files": files, "txt_docs": txt_docs},
                                                  cache_dir=cache_dir)
             return ds, "text"
         return datasets.load_dataset(kind, data_files=files, split="train", cache_dir=cache_dir), text_column

@@ -327,7 +327,7 @@ def evaluate(model, model_name: str, dataset: str, rows: list[str] | list[int], 
              device: str = "cpu", dtype: torch.dtype = torch.float32, limit_tokens: int | None = None) -> dict:
     """One result record: perplexity (and LAMBADA accuracy) of one model on one dataset's rows
     (text rows, joined and tokenised; or the token ids of a token file, used as they are)."""
-    tokens = list(rows) if dataset.endswith(".bin") else tokenize_joined(rows, enc)
+    tokens = rows if dataset.endswith(".bin") else tokenize_joined(rows, enc)
     if tokens and max(tokens) >= model.config.vocab_size:
         raise ValueError(f"{dataset} holds token id {max(tokens)}, beyond the vocabulary of {model_name} "
                          f"({model.config.vocab_size}): it was tokenised for another model")
