@@ -52,9 +52,9 @@ import time
 import torch
 
 import storage
-from config import (BOOKKEEPING, ConfigError, TrainConfig, TrainError, config_diff, config_from, format_diff,
+from config import (ConfigError, TrainConfig, TrainError, config_diff, config_from, format_diff,
                     load_config_file, parse_override, to_overrides)
-from model import GPT, resolve_model, source_config
+from model import GPT, load_checkpoint, resolve_model, source_config
 
 REPO = os.path.dirname(os.path.abspath(__file__))
 STUDY_KEYS = {"teacher": None, "data_dir": "data/openwebtext", "out_dir": "out-study", "eval_data_files": [],
@@ -79,13 +79,10 @@ def load_study(path: str, overrides: list[str]) -> tuple[dict, list[tuple[str, o
     pairs = [(k, v, path) for k, v in values.items()] + [(*parse_override(a), "the command line") for a in overrides]
     study, common = dict(STUDY_KEYS), []
     for k, v, where in pairs:
-        if k in STUDY_KEYS and k not in ("data_dir", "out_dir"):
+        if k in STUDY_KEYS:
             study[k] = v
-        else:
-            if k in ("data_dir", "out_dir"):
-                study[k] = v
-            if k != "out_dir":          # a run's out_dir is its own directory of the study
-                common.append((k, v, where))
+        if k not in STUDY_KEYS or k == "data_dir":  # a run's out_dir is its own directory of the study
+            common.append((k, v, where))
     if study["teacher"] is None:
         raise StudyError(f"{path} sets no teacher (a model name or path, or a dict of train.py keys with a 'name')")
     if not isinstance(study["runs"], (list, tuple)) or not study["runs"]:
@@ -102,28 +99,30 @@ def plan_runs(study: dict, common: list, path: str) -> tuple[dict | None, list[d
     """The teacher run (None for a given model) and every run: name, keys, directory, TrainConfig."""
     out = study["out_dir"]
     teacher = study["teacher"]
-    plans, names, dirs = [], set(), set()
+    plans, dirs = [], set()
     entries = list(study["runs"])
     teacher_plan = None
     if isinstance(teacher, dict):
         entries = [{"name": teacher.get("name", TEACHER), **teacher, "_teacher": True}] + entries
+        teacher_path = os.path.join(out, slug(entries[0]["name"]))
     else:
         try:
             resolve_model(str(teacher))
         except FileNotFoundError as e:
             raise StudyError(f"teacher={teacher!r} cannot be loaded: {e}") from None
+        teacher_path = str(teacher)
+        dirs.add(slug(TEACHER))         # where the given teacher is measured
     for run in entries:
         if not isinstance(run, dict) or not isinstance(run.get("name"), str) or not run["name"]:
             raise StudyError(f"{path}: every run is a dict with a 'name', got {run!r}")
         name, is_teacher = run["name"], run.get("_teacher", False)
-        keys = {k: v for k, v in run.items() if k not in ("name", "_teacher")}
-        if name in names or slug(name) in dirs:
-            raise StudyError(f"{path}: the run name {name!r} is used twice (names must differ, also as directories)")
-        names.add(name)
+        given = {k: v for k, v in run.items() if k not in ("name", "_teacher")}
+        if slug(name) in dirs:
+            raise StudyError(f"{path}: the run name {name!r} is used twice (names must differ, also as directories"
+                             + ("; 'teacher' is the given teacher's)" if slug(name) == slug(TEACHER) else ")"))
         dirs.add(slug(name))
         run_dir = os.path.join(out, slug(name))
-        teacher_path = os.path.join(out, slug(teacher["name"] if isinstance(teacher, dict) else TEACHER)) \
-            if isinstance(teacher, dict) else str(teacher)
+        keys = dict(given)
         if not is_teacher:
             keys.setdefault("init_from", TEACHER)
             keys = {k: (teacher_path if k in ("init_from", "distill_from") and v == TEACHER else v)
@@ -134,8 +133,7 @@ def plan_runs(study: dict, common: list, path: str) -> tuple[dict | None, list[d
             cfg = config_from(sources)
         except ConfigError as e:
             raise StudyError(f"run {name!r}: {e}") from None
-        plan = {"name": name, "keys": {k: v for k, v in run.items() if k not in ("name", "_teacher")},
-                "dir": run_dir, "cfg": cfg, "teacher_path": teacher_path}
+        plan = {"name": name, "keys": given, "dir": run_dir, "cfg": cfg, "teacher_path": teacher_path}
         if is_teacher:
             teacher_plan = plan
         else:
@@ -149,7 +147,7 @@ def changed_runs(plans: list[dict]) -> list[str]:
     for p in plans:
         stored = stored_config(p["dir"])
         if stored is not None:
-            diff = config_diff(stored, p["cfg"].flat(), skip=BOOKKEEPING)
+            diff = config_diff(stored, p["cfg"].flat())
             if diff:
                 changed.append(f"{p['name']!r} ({p['dir']}): {format_diff(diff)}")
     return changed
@@ -160,12 +158,13 @@ def stored_config(run_dir: str) -> dict | None:
     summary = read_json(os.path.join(run_dir, "run.json"))
     if summary is not None:
         return summary["config"]
-    last = os.path.join(run_dir, "ckpt_last.pt")
-    if os.path.isfile(last):
-        try:
-            return torch.load(last, map_location="cpu", weights_only=True, mmap=True).get("config")
-        except Exception:
-            return None         # unreadable: train.py reports it when the run is resumed
+    for name in ("ckpt_last.pt", "ckpt_best.pt"):      # the checkpoint train.py resumes from
+        ckpt = os.path.join(run_dir, name)
+        if os.path.isfile(ckpt):
+            try:
+                return load_checkpoint(ckpt, mmap=True).get("config")
+            except Exception:
+                return None     # unreadable: train.py reports it when the run is resumed
     return None
 
 
@@ -454,8 +453,7 @@ def _run(study: dict, teacher_plan: dict | None, plans: list[dict], path: str) -
         else:
             print(f"{index} {plan['name']}: {summary['status']}", flush=True)
         records.append(record(plan["name"], plan["keys"], summary, evals))
-        write_outputs(records, study, path, time.time() - t_start)      # partial results as they come
-    write_outputs(records, study, path, time.time() - t_start)
+        write_outputs(records, study, path, time.time() - t_start)      # the results so far (all, after the last)
     failed = [r["name"] for r in records if r["status"] != "ok"]
     print(f"study done in {(time.time() - t_start) / 60:.1f} min: {out}/study.md, study.json, study.png"
           + (f"; failed: {', '.join(failed)}" if failed else ""), flush=True)

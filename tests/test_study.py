@@ -137,6 +137,34 @@ def test_bad_study_files_are_clear_errors(tmp_path, data_dir, runs, match):
     assert not (tmp_path / "out").exists()                # refused before any work
 
 
+def test_teacher_dict_without_a_name_and_a_run_named_like_the_teacher(tmp_path, data_dir, hf_dir):
+    # a teacher dict without "name" is called "teacher"; the runs start from its directory
+    text = TINY.replace('teacher = dict(name="teacher", ', "teacher = dict(")
+    spec, common = study.load_study(study_file(tmp_path, data_dir, text), [])
+    teacher, plans = study.plan_runs(spec, common, "study.py")
+    assert teacher["name"] == "teacher" and teacher["dir"] == str(tmp_path / "out" / "teacher")
+    assert plans[0]["cfg"].init_from == teacher["dir"] and plans[2]["cfg"].distill_from == teacher["dir"]
+    # a given teacher is measured in out/teacher: no run may take that directory
+    text = (f"teacher = {hf_dir!r}\n" "data_dir = {data_dir!r}\nout_dir = {out_dir!r}\n"
+            "runs = [dict(name='Teacher', mlp='kron', kron_b_shape=(2, 2))]\n")
+    with pytest.raises(study.StudyError, match="'Teacher' is used twice.*given teacher"):
+        study.main([study_file(tmp_path, data_dir, text)])
+    assert not (tmp_path / "out").exists()
+
+
+def test_changed_keys_are_found_in_a_run_killed_before_its_first_ckpt_last(tmp_path, data_dir):
+    """A kill between a run's first ckpt_best.pt and its copy ckpt_last.pt: train.py would resume
+    from ckpt_best.pt, so the study checks that one's keys up front."""
+    from model import GPT, GPTConfig
+    spec, common = study.load_study(study_file(tmp_path, data_dir), [])
+    _, plans = study.plan_runs(spec, common, "study.py")
+    os.makedirs(plans[0]["dir"])
+    GPT(GPTConfig(n_layer=1, n_head=2, n_embd=32, vocab_size=64, block_size=16)).save_checkpoint(
+        os.path.join(plans[0]["dir"], "ckpt_best.pt"), config={**plans[0]["cfg"].flat(), "seed": 7})
+    changed = study.changed_runs(plans)
+    assert len(changed) == 1 and changed[0].startswith("'vl-norm B2x2'") and "seed" in changed[0]
+
+
 @pytest.mark.slow
 def test_teacher_that_cannot_be_loaded_and_cli_errors(tmp_path, data_dir):
     text = TINY.replace(TINY.split("data_dir")[0], "teacher = 'no/such/teacher.pt'\n")
