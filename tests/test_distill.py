@@ -12,9 +12,8 @@ import torch
 import torch.nn.functional as F
 
 import train
-from conftest import ROOT, VOCAB, write_tiny_tokens
+from conftest import ROOT, VOCAB, run, run_argv, write_tiny_tokens
 from model import GPT, GPTConfig, load_checkpoint
-
 
 
 @pytest.fixture(scope="module")
@@ -22,27 +21,21 @@ def data_dir(tmp_path_factory):
     return write_tiny_tokens(tmp_path_factory.mktemp("distill_data"), seed=1)
 
 
-def argv(**kw):
-    return [f"--{k}={v!r}" for k, v in kw.items()]
-
-
-BASE = dict(device="cpu", dtype="float32", batch_size=4, gradient_accumulation_steps=1, block_size=16,
-            eval_interval=4, eval_iters=2, log_interval=1, learning_rate=3e-3, decay_lr=False, warmup_iters=0,
-            eval_at_start=False, init_from="scratch", n_layer=2, n_head=2, n_embd=32, vocab_size=VOCAB)
+# conftest's tiny run, with a shorter context and the model of a tiny dense teacher
+TINY = dict(block_size=16, eval_interval=4, init_from="scratch", n_layer=2, n_head=2, n_embd=32, vocab_size=VOCAB)
 
 
 @pytest.fixture(scope="module")
 def teacher_dir(data_dir, tmp_path_factory):
     """A small dense model trained for a few steps: the teacher."""
     out = tmp_path_factory.mktemp("teacher")
-    train.main(argv(**{**BASE, "data_dir": data_dir, "out_dir": str(out), "max_iters": 12}))
+    run(data_dir, out, **TINY, max_iters=12)
     return str(out)
 
 
 def student_run(data_dir, out, teacher_dir, **kw):
-    keys = {**BASE, "data_dir": data_dir, "out_dir": str(out), "init_from": teacher_dir, "mlp": "kron",
-            "kron_b_shape": (2, 2), "max_iters": 8, **kw}
-    return train.main(argv(**keys))
+    return run(data_dir, out, **{**TINY, "init_from": teacher_dir, "mlp": "kron", "kron_b_shape": (2, 2),
+                                 "max_iters": 8, **kw})
 
 
 def reference_kl(s_logits, t_logits, T):
@@ -111,12 +104,12 @@ def test_resume_with_a_teacher_continues_the_same_curve(data_dir, teacher_dir, t
 
 @pytest.mark.slow
 def test_two_process_torchrun_with_a_teacher(data_dir, teacher_dir, tmp_path):
-    kw = {**BASE, "data_dir": data_dir, "init_from": teacher_dir, "mlp": "kron", "kron_b_shape": (2, 2),
+    kw = {**TINY, "init_from": teacher_dir, "mlp": "kron", "kron_b_shape": (2, 2),
           "max_iters": 3, "eval_interval": 3, "gradient_accumulation_steps": 4, "batch_size": 2,
           "distill_from": teacher_dir, "distill_alpha": 0.5, "distill_hidden": 0.1}
-    single = train.main(argv(**kw, out_dir=str(tmp_path / "single")))
+    single = run(data_dir, tmp_path / "single", **kw)
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                           os.path.join(ROOT, "train.py"), *argv(**kw, out_dir=str(tmp_path / "ddp"))],
+                           os.path.join(ROOT, "train.py"), *run_argv(data_dir, tmp_path / "ddp", **kw)],
                           cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True,
                           timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]

@@ -227,11 +227,10 @@ def test_data_file_rows_are_wikitext_rows(tmp_path, tiktoken_gpt2):
 @pytest.mark.slow
 def test_cli_writes_results_json(tiny_hf_dir, text_file, tmp_path, tiktoken_gpt2):
     out = tmp_path / "results.json"
-    env = dict(os.environ)
     proc = subprocess.run([sys.executable, os.path.join(ROOT, "eval_ppl.py"), "--model", tiny_hf_dir,
                            "--data-file", text_file, "--protocol", "sliding", "--stride", str(STRIDE),
                            "--block-size", str(CONTEXT), "--device", "cpu", "--out", str(out)],
-                          capture_output=True, text=True, env=env, timeout=120)
+                          capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     records = json.loads(out.read_text())
     assert len(records) == 1
@@ -278,10 +277,9 @@ def test_bad_inputs_give_clear_errors(tmp_path, tiny_hf_dir, monkeypatch):
 
 @pytest.mark.slow
 def test_cli_error_messages(tmp_path):
-    env = dict(os.environ)
     proc = subprocess.run([sys.executable, os.path.join(ROOT, "eval_ppl.py"), "--model",
                            str(tmp_path / "nope.pt"), "--datasets", "lambada"],
-                          capture_output=True, text=True, env=env, timeout=120)
+                          capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2
     assert "error: no such directory or checkpoint" in proc.stderr and "Traceback" not in proc.stderr
 

@@ -5,7 +5,6 @@ the previous output intact, never a mixture.
 Sections: data (prepare_owt.py, data.TokenData), export (export_hf.py), eval (eval_ppl.py),
 sample (sample.py), train (train.py)."""
 import errno
-import hashlib
 import json
 import math
 import os
@@ -28,7 +27,7 @@ import prepare_owt
 import sample
 import storage
 import train
-from conftest import ROOT, VOCAB, kron_run, run, run_argv, scratch
+from conftest import ROOT, VOCAB, kron_run, run, run_argv, scratch, sha
 from model import GPT, GPTConfig, load_checkpoint
 
 ENV = dict(os.environ)
@@ -42,11 +41,6 @@ def write_corpus(path, paragraphs: int, seed: int = 0) -> str:
     paras = [" ".join(rng.choice(WORDS, size=rng.integers(20, 80))) for _ in range(paragraphs)]
     path.write_text("\n\n".join(paras) + "\n", encoding="utf-8")
     return str(path)
-
-
-def sha(path) -> str:
-    with open(path, "rb") as f:
-        return hashlib.sha256(f.read()).hexdigest()
 
 
 def snapshot(out) -> dict:

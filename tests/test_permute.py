@@ -1,17 +1,16 @@
 """Free permutations before Van Loan: permuting a dense GPT keeps its function, the search never
 loses against the identity order and recovers planted Kronecker structure, and compress /
 export / train.py carry kron_permute through."""
-import os
 from dataclasses import replace
 
 import pytest
 import torch
 
-from conftest import run_argv          # and the fixtures data_dir, hf_dir
+from conftest import run          # and the fixtures data_dir, hf_dir
 from kronecker import (PermutationTerm, _assignment_cost, a_shape_for, b_shape_for, kron_sum,
                        permutation_search, relative_error)
-from model import (GPT, GPTConfig, compress, permutation_terms, permute_hidden_, permute_residual_, permuted,
-                   search_permutations)
+from model import (GPT, GPTConfig, compress, load_checkpoint, permutation_terms, permute_hidden_, permute_residual_,
+                   permuted, search_permutations)
 
 D = 32          # n_embd: c_fc (128, 32), c_proj (32, 128)
 H = 4 * D
@@ -449,14 +448,12 @@ def test_kron_permute_config_errors():
 # train.py
 
 def test_train_prints_the_report_with_and_without_permutation(data_dir, hf_dir, tmp_path, capsys):
-    import train
-    args = run_argv(data_dir, tmp_path / "out", init_from=hf_dir, mlp="kron", kron_b_shape=(2, 2),
-                    kron_permute="hidden", max_iters=2, eval_interval=2)
-    assert "--kron_permute='hidden'" in args
-    res = train.main(args)
+    res = run(data_dir, tmp_path / "out", init_from=hf_dir, mlp="kron", kron_b_shape=(2, 2),
+              kron_permute="hidden", max_iters=2, eval_interval=2)
     out = capsys.readouterr().out
     assert "error without permutation" in out
     rows = [line.split("|")[1:-1] for line in out.splitlines() if line.startswith("| ") and "mlp.c_" in line]
     assert len(rows) == 4 and all(len(r) == 6 for r in rows)
     assert sum(float(r[2]) for r in rows) <= sum(float(r[4]) for r in rows)
-    assert res is not None and os.listdir(tmp_path / "out")
+    assert res["iter_num"] == 2 and res["model"].config.kron_permute == "hidden"
+    assert load_checkpoint(str(tmp_path / "out" / "ckpt_last.pt"))["model_config"]["kron_permute"] == "hidden"
