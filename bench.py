@@ -9,7 +9,7 @@ Sections (--sections, comma-separated):
   layer     forward+backward of KronLinear vs dense nn.Linear vs materialise-then-matmul,
             for every Table 1 shape at GPT-2 sizes (c_fc 768->3072, c_proj 3072->768),
             beside the arithmetic limit (dense multiply-adds / factored multiply-adds); each pair
-            runs in the hidden order model.MLP gives it (kronecker.swap_hidden_order), and a
+            runs in the hidden order compress.py gives it (kronecker.swap_hidden_order), and a
             swapped layer is also timed in the standard order; on CPU float32, for small layers,
             the GEMM ceiling (the speed-up if only its matrix products cost time, in cache)
   model     training-step tokens/s and peak memory, GPT-2 124M dense vs Krony-81M/-96M/-92M/-67M,
@@ -43,9 +43,12 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import runtime
-from kronecker import KronLinear, factored_macs, frozen_kron_weights, swap_hidden_order
+from checkpoints import save_checkpoint
+from compress import build
+from kron_kernels import factored_macs
+from kronecker import KronLinear, frozen_kron_weights, swap_hidden_order
 from model import GPT, GPTConfig, KVCache
-from runtime import sync
+from runtime import ArgumentParser, run_cli, sync
 
 REPO = os.path.dirname(os.path.abspath(__file__))
 SECTIONS = ("layer", "model", "generate", "data", "distill")
@@ -171,7 +174,7 @@ def bench_layers(args) -> list[dict]:
         torch.manual_seed(0)
         pair = {"c_fc": KronLinear(d, 4 * d, a_fc, k).to(args.device),
                 "c_proj": KronLinear(4 * d, d, a_fc[::-1], k).to(args.device)}
-        swapped = swap_hidden_order(pair["c_fc"], pair["c_proj"])     # as model.MLP runs them
+        swapped = swap_hidden_order(pair["c_fc"], pair["c_proj"])     # as compress.py sets them up
         for matrix, kron in pair.items():
             in_f, out_f = kron.in_features, kron.out_features
             torch.manual_seed(0)
@@ -243,28 +246,29 @@ def layer_targets(rows: list[dict]) -> dict:
 # -----------------------------------------------------------------------------
 # Model section
 
-def model_config(name: str, quick: bool) -> GPTConfig:
-    """GPT-2 small (or a tiny GPT for --quick) with the MLPs of `name` (see MODELS)."""
-    size = dict(n_layer=2, n_head=2, n_embd=96, block_size=64) if quick else {}
+def model_config(name: str, quick: bool) -> tuple[GPTConfig, dict]:
+    """GPT-2 small (or a tiny GPT for --quick) and the compression keys of `name`'s MLPs (see MODELS)."""
+    config = GPTConfig(**(dict(n_layer=2, n_head=2, n_embd=96, block_size=64) if quick else {}))
     spec = MODELS[name]
     if spec is None:
-        return GPTConfig(**size)
+        return config, {}
     (m2, n2), k = spec
-    d = size.get("n_embd", 768)
-    return GPTConfig(**size, mlp="kron", kron_shape=(4 * d // m2, d // n2), kron_factors=k)
+    d = config.n_embd
+    return config, dict(mlp="kron", kron_shape=(4 * d // m2, d // n2), kron_factors=k)
 
 
-def macs_per_token(config: GPTConfig, seq: int) -> int:
+def macs_per_token(name: str, quick: bool, seq: int) -> int:
     """Forward multiply-adds per token (GPT.macs_per_token), from a weightless model."""
     with torch.device("meta"):
-        return GPT(config).macs_per_token(seq)
+        config, keys = model_config(name, quick)
+        return build(config, **keys).macs_per_token(seq)
 
 
 def build_train_step(name: str, args) -> tuple[GPT, Callable[[], None]]:
     """A model of MODELS and one closure running forward + backward + AdamW on a fixed random batch."""
     torch.manual_seed(0)
-    config = model_config(name, args.quick)
-    model = GPT(config).to(args.device)
+    config, keys = model_config(name, args.quick)
+    model = build(config, **keys).to(args.device)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=args.device == "cuda")
     cmodel = maybe_compile(model, args.compile)
     x = torch.randint(0, config.vocab_size, (args.batch, args.seq), device=args.device)
@@ -319,12 +323,12 @@ def bench_models(args) -> dict:
     steps = {name: build_train_step(name, args)[1] for name in MODELS}
     t = race(steps, args.model_repeats, 1, args.device)
     del steps
-    dense_macs = macs_per_token(model_config("gpt2-124M", args.quick), args.seq)
+    dense_macs = macs_per_token("gpt2-124M", args.quick, args.seq)
     key = "peak_cuda_mb" if args.device == "cuda" else "peak_rss_mb"
     for r in rows:
         r["step_s"] = t[r["model"]]
         r["tokens_per_s"] = args.batch * args.seq / r["step_s"]
-        r["arith_limit"] = dense_macs / macs_per_token(model_config(r["model"], args.quick), args.seq)
+        r["arith_limit"] = dense_macs / macs_per_token(r["model"], args.quick, args.seq)
         r["speedup"] = t["gpt2-124M"] / r["step_s"]
         r["fraction_of_limit"] = r["speedup"] / r["arith_limit"]
         r["memory_ratio"] = r[key] / rows[0][key]
@@ -359,8 +363,8 @@ def bench_generate(args) -> list[dict]:
     models, fns = {}, {}
     for name in names:
         torch.manual_seed(0)
-        config = model_config(name, args.quick)
-        model = models[name] = GPT(config).to(args.device).eval()
+        config, keys = model_config(name, args.quick)
+        model = models[name] = build(config, **keys).to(args.device).eval()
         for ctx in contexts:
             cache = KVCache(config, 1, args.device, torch.float32)
             with autocast(args.device, args.dtype):
@@ -457,7 +461,7 @@ def bench_distill(args) -> dict:
                                for s, n in (("train", 4 * batch * seq + 2), ("val", 2 * seq + 2))})
         torch.manual_seed(0)
         teacher = os.path.join(tmp, "teacher.pt")
-        GPT(config).save_checkpoint(teacher)
+        save_checkpoint(GPT(config), teacher)
         common = dict(data_dir=os.path.join(tmp, "data"), init_from=teacher, mlp="kron", kron_b_shape=(2, 2),
                       batch_size=batch, block_size=seq, gradient_accumulation_steps=1, max_iters=2, eval_iters=0,
                       always_save_checkpoint=False, device=args.device, dtype=args.dtype, eval_interval=2)
@@ -492,7 +496,7 @@ def distill_table(res: dict) -> str:
 # -----------------------------------------------------------------------------
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="bench.py", description=__doc__.split("\n\n")[0].strip(),
+    p = ArgumentParser(prog="bench.py", description=__doc__.split("\n\n")[0].strip(),
                                 epilog="Example: python bench.py --sections layer,model --out bench.json",
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
@@ -508,12 +512,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="timed repeats per figure (median; default 15: fewer lets host noise through)")
     p.add_argument("--warmup", type=int, default=2, help="untimed calls before timing")
     p.add_argument("--corpus", default=os.path.join(os.path.dirname(REPO), "shared", "data", "tinyshakespeare.txt"))
-    p.add_argument("--corpus-repeat", type=int, default=8, help="data section: how many times to repeat the corpus")
-    p.add_argument("--distill-batch", type=int, default=4,
+    p.add_argument("--corpus_repeat", type=int, default=8, help="data section: how many times to repeat the corpus")
+    p.add_argument("--distill_batch", type=int, default=4,
                    help="distill section: sequences per step (of 1024 tokens; default 4, the paper's is 24)")
     p.add_argument("--quick", action="store_true", help="tiny settings for a smoke test (seconds, figures meaningless)")
     p.add_argument("--out", default="bench.json", help="JSON file for all results")
-    p.add_argument("--worker-model", default=None, help=argparse.SUPPRESS)  # internal: one model per process
+    p.add_argument("--worker_model", default=None, help=argparse.SUPPRESS)  # internal: one model per process
     args = p.parse_args(argv)
     cuda = args.device == "cuda"
     if cuda and not torch.cuda.is_available():
@@ -572,4 +576,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

@@ -5,14 +5,15 @@ compressed with the Kronecker inits (vl, vl-norm, prune, random), vl plus a
 sparse residual, low-rank SVD and a shared basis, the last two at the largest
 rank that fits the Kronecker size.
 
-    python compare_init.py --model gpt2 --data data/owt/val.bin --kron-shape 1536 384
+    python compare_init.py --model gpt2 --data data/openwebtext/val.bin --kron_shape 1536 384
     python compare_init.py --model ./gpt2 --data ../shared/data/tinyshakespeare.txt \\
-        --kron-shape 1536 768 --sparse 0.01 --out init.json --plot init.png
+        --kron_shape 1536 768 --kron_sparse 0.01 --out init.json --plot init.png
 
 --data is a token file as prepare_owt.py writes (*.bin, uint16 memmap) or a text
 file (tokenised with tiktoken's gpt2 BPE). The loss is the mean cross-entropy
-over --batches x --batch-size windows of --block-size tokens spread evenly over
-the data (the same windows for every method).
+over --batches x --batch_size windows of --block_size tokens spread evenly over
+the data (the same windows for every method). Options are spelled as the config keys
+they mean (kron_shape, kron_factors, kron_sparse, share_group).
 """
 from __future__ import annotations
 
@@ -28,8 +29,11 @@ import torch.nn as nn
 from tqdm import tqdm
 
 from data import gpt2_encoding, read_meta
+from checkpoints import load_model
+from compress import compress
 from kronecker import b_shape_for
-from model import GPT, LINEAR_NAMES, compress
+from model import GPT, LINEAR_NAMES
+from runtime import ArgumentParser, run_cli
 from sizes import format_rows, match_mlp_ranks
 
 
@@ -71,22 +75,22 @@ def mean_loss(model: GPT, windows: torch.Tensor, batch_size: int, device: str) -
 def methods(args, dense: GPT) -> list[tuple[str, dict | None, str]]:
     """(name, compress() keyword arguments or None, why n/a) for every row."""
     c = dense.config
-    shape, k = tuple(args.kron_shape), args.factors
+    shape, k = tuple(args.kron_shape), args.kron_factors
     kron = dict(mlp="kron", kron_shape=shape, kron_factors=k)
     b_shape = b_shape_for((4 * c.n_embd, c.n_embd), shape, k)            # validates the shape too
-    plain = match_mlp_ranks(shape, k, False, 0.0, args.group, c.n_embd, c.n_layer)
-    with_sparse = match_mlp_ranks(shape, k, False, args.sparse, args.group, c.n_embd, c.n_layer)
+    plain = match_mlp_ranks(shape, k, False, 0.0, args.share_group, c.n_embd, c.n_layer)
+    with_sparse = match_mlp_ranks(shape, k, False, args.kron_sparse, args.share_group, c.n_embd, c.n_layer)
     rows = [(init, dict(kron, kron_init=init), "") for init in ("vl", "vl-norm")]
     if k == 1 and b_shape in ((2, 1), (1, 2)):
         rows.append(("prune", dict(kron, kron_init="prune"), ""))
     else:
         rows.append(("prune", None, f"needs B (2, 1) or (1, 2) and k=1; A {shape} gives B {b_shape}, k={k}"))
     rows.append(("random", dict(kron, kron_init="random"), ""))
-    rows.append((f"vl + sparse p={args.sparse:g}", dict(kron, kron_init="vl", kron_sparse=args.sparse), ""))
+    rows.append((f"vl + sparse p={args.kron_sparse:g}", dict(kron, kron_init="vl", kron_sparse=args.kron_sparse), ""))
     rows.append((f"lowrank r={plain.lowrank_rank}", dict(mlp="lowrank", lowrank_rank=plain.lowrank_rank), ""))
-    rows.append((f"shared r={plain.shared_rank} g={args.group}",
-                 dict(mlp="shared", lowrank_rank=plain.shared_rank, share_group=args.group), ""))
-    if args.sparse > 0:     # the sparse row is bigger than the plain Kronecker ones: give it a matched baseline
+    rows.append((f"shared r={plain.shared_rank} g={args.share_group}",
+                 dict(mlp="shared", lowrank_rank=plain.shared_rank, share_group=args.share_group), ""))
+    if args.kron_sparse > 0:     # the sparse row is bigger than the plain Kronecker ones: give it a matched baseline
         rows.append((f"lowrank r={with_sparse.lowrank_rank} (size of vl + sparse)",
                      dict(mlp="lowrank", lowrank_rank=with_sparse.lowrank_rank), ""))
     return rows
@@ -94,7 +98,7 @@ def methods(args, dense: GPT) -> list[tuple[str, dict | None, str]]:
 
 def compare(args) -> list[dict]:
     try:
-        dense = GPT.load(args.model).to(args.device)
+        dense = load_model(args.model).to(args.device)
     except RuntimeError as e:            # offline hub, unreadable checkpoint: the message says what to do
         raise ValueError(str(e)) from e
     if any(not isinstance(b.get_submodule(n), nn.Linear) for b in dense.transformer.h for n in LINEAR_NAMES):
@@ -135,8 +139,7 @@ def plot(records: list[dict], path: str) -> None:
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        raise SystemExit("--plot needs matplotlib (pip install matplotlib; it is listed in requirements-test.txt, "
-                         "not in requirements.txt)")
+        raise ValueError("--plot needs matplotlib (pip install -r requirements.txt)") from None
     done = [r for r in records if r["loss"] is not None]
     fig, ax = plt.subplots(figsize=(8, 0.5 * len(done) + 1.5))
     # points, not bars: the losses differ by far less than their size
@@ -157,28 +160,35 @@ def plot(records: list[dict], path: str) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(prog="compare_init.py", description=__doc__.split("\n\n")[0].strip(),
-                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n\n", 1)[1])
+    p = ArgumentParser(prog="compare_init.py", description=__doc__.split("\n\n")[0].strip(),
+                       formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n\n", 1)[1])
     p.add_argument("--model", required=True, help="dense model: hub name, Hugging Face directory or our checkpoint")
     p.add_argument("--data", required=True, help="token .bin (uint16, prepare_owt.py) or a text file")
-    p.add_argument("--kron-shape", type=int, nargs=2, required=True, metavar=("M1", "N1"),
-                   help="A shape for c_fc (c_proj uses it transposed); fixes the parameter budget")
-    p.add_argument("--factors", type=int, default=1, help="Kronecker factors k")
-    p.add_argument("--sparse", type=float, default=0.01, help="fraction p of the residual kept by 'vl + sparse'")
-    p.add_argument("--group", type=int, default=2, help="consecutive layers sharing one basis")
-    p.add_argument("--batches", type=int, default=8)
-    p.add_argument("--batch-size", type=int, default=4)
-    p.add_argument("--block-size", type=int, default=1024)
-    p.add_argument("--svd", default="exact", choices=("exact", "randomized"))
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--kron_shape", type=int, nargs=2, metavar=("M1", "N1"),
+                   help="A shape for c_fc (c_proj uses it transposed); fixes the parameter budget (required)")
+    p.add_argument("--kron_factors", type=int, default=1, help="Kronecker factors k")
+    p.add_renamed("--factors", "kron_factors", type=int)
+    p.add_argument("--kron_sparse", type=float, default=0.01, help="fraction p of the residual kept by 'vl + sparse'")
+    p.add_renamed("--sparse", "kron_sparse", type=float)
+    p.add_argument("--share_group", type=int, default=2, help="consecutive layers sharing one basis")
+    p.add_renamed("--group", "share_group", type=int)
+    p.add_argument("--batches", type=int, default=8, help="batches of evaluation windows (the same for every method)")
+    p.add_argument("--batch_size", type=int, default=4, help="windows per batch")
+    p.add_argument("--block_size", type=int, default=1024, help="tokens per window (at most the model's context)")
+    p.add_argument("--svd", default="exact", choices=("exact", "randomized"),
+                   help="Van Loan's SVD: exact, or randomized (faster for large matrices, approximate)")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                   help="cpu, cuda, cuda:N or mps (default: cuda where there is one)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the random init row")
     p.add_argument("--out", help="write the records as JSON here")
-    p.add_argument("--plot", help="save a bar chart of the losses to this PNG (needs matplotlib)")
+    p.add_argument("--plot", help="save a chart of the losses to this PNG")
     args = p.parse_args(argv)
-    try:
-        records = compare(args)
-    except (ValueError, FileNotFoundError, RuntimeError) as e:  # RuntimeError: offline tokenizer, hub
-        p.exit(2, f"error: {e}\n")
+    if args.kron_shape is None:
+        p.error("the following arguments are required: --kron_shape")
+    for name in ("kron_factors", "share_group", "batches", "batch_size", "block_size"):
+        if getattr(args, name) < 1:
+            raise ValueError(f"--{name} must be a positive integer, got {getattr(args, name)}")
+    records = compare(args)
     print(format_table(records))
     if args.out:
         with open(args.out, "w") as f:
@@ -188,4 +198,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    run_cli(main)

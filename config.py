@@ -2,9 +2,10 @@
 Training configuration: every key train.py takes, with its default, type and range, read from a
 config file (plain Python assignments) and `--key=value` overrides. train.py and study.py share it.
 
-The model keys are the fields of model.GPTConfig; TrainConfig.model holds those a config sets (the
-rest take GPTConfig's defaults, or the architecture of the checkpoint or Hugging Face model a run
-starts from).
+The model keys are the dense GPT's dimensions (model.GPTConfig) and the compression keys
+(compress.KEYS); TrainConfig.model holds those a config sets (the rest take their defaults, or the
+architecture of the checkpoint or Hugging Face model a run starts from). They are resolved and
+checked once, into a GPTConfig and a compress.Compression, before a run touches anything.
 """
 from __future__ import annotations
 
@@ -13,10 +14,12 @@ import difflib
 import inspect
 import os
 import typing
-from dataclasses import MISSING, asdict, dataclass, field, fields, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Optional
 
-from model import DIMENSIONS, INIT_ONLY, GPTConfig, source_config
+from checkpoints import source_spec
+from compress import INIT_ONLY, KEYS as COMPRESSION_KEYS, Compression, resolve
+from model import GPTConfig
 
 OWT_TOKENS = 9.0e9                     # GPT-2 tokens in OpenWebText
 
@@ -86,8 +89,8 @@ class TrainConfig:
     compile: bool = key(False, "torch.compile the model")
     seed: int = key(1337, "seed of the init, dropout and batch sampling")
     peak_flops: float = key(0.0, "for MFU; 0 = look the GPU up (A100 bf16 312e12 if unknown)")
-    # the model: the GPTConfig keys the config file or the command line set (the rest take
-    # GPTConfig's defaults, or the checkpoint's / Hugging Face model's architecture)
+    # the model: the GPTConfig and compression keys the config file or the command line set (the
+    # rest take their defaults, or the checkpoint's / Hugging Face model's architecture)
     model: dict = field(default_factory=dict)
 
     def check(self) -> None:
@@ -120,30 +123,34 @@ class TrainConfig:
         if self.data_prepare is not None and not isinstance(self.data_prepare, dict):
             raise ConfigError(f"data_prepare={self.data_prepare!r} must be a dict of prepare_owt arguments")
         try:
-            self.model_config()
+            self.model_spec()
         except FileNotFoundError:
             pass                    # init_from may name a checkpoint a run has yet to write
 
-    def model_config(self, source: GPTConfig | None = None) -> GPTConfig | None:
-        """The GPTConfig this run trains, checked (compression settings, factor shapes against the
-        matrices): of a model from scratch, or of `source` (the model init_from names; read from its
-        files when it is local) with the config's model keys applied. None where that is not known
-        before loading (a hub model not downloaded yet, or a resumed run: its checkpoint decides).
-        FileNotFoundError when init_from names nothing."""
+    def model_spec(self, source: tuple[GPTConfig, dict] | None = None) -> tuple[GPTConfig, Compression] | None:
+        """The GPTConfig and Compression this run trains, checked (compression settings, factor shapes
+        against the matrices): of a model from scratch, or of `source` (the dimensions and compression
+        keys of the model init_from names; read from its files when it is local) with the config's model
+        keys applied. None where that is not known before loading (a hub model not downloaded yet, or a
+        resumed run: its checkpoint decides). FileNotFoundError when init_from names nothing."""
         if self.init_from == "resume":
             return None
         if source is None and self.init_from != "scratch":
             try:
-                source = source_config(self.init_from)
+                source = source_spec(self.init_from)
             except (ValueError, RuntimeError) as e:
                 raise ConfigError(f"init_from={self.init_from!r}: {e}") from None
             if source is None:
                 return None
+        dims = {k: v for k, v in self.model.items() if k not in COMPRESSION_KEYS}
+        keys = {k: v for k, v in self.model.items() if k in COMPRESSION_KEYS}
         try:
             if source is None:
-                return GPTConfig(block_size=self.block_size, **self.model)
-            # the source fixes the dimensions; every other model key the config sets changes it
-            return replace(source, **{k: v for k, v in self.model.items() if k not in DIMENSIONS})
+                config = GPTConfig(block_size=self.block_size, **dims)
+            else:       # the source fixes the dimensions; every other model key the config sets changes it
+                config = replace(source[0], **{k: v for k, v in dims.items() if k not in DIMENSIONS})
+                keys = {**source[1], **keys}
+            return config, resolve(config, **keys)
         except (ValueError, TypeError) as e:
             raise ConfigError(str(e)) from None
 
@@ -153,30 +160,25 @@ class TrainConfig:
         return {**MODEL_DEFAULTS, **self.model, **d}
 
 
-# --help for the model keys (GPTConfig's fields; model.py says more)
+# the GPTConfig fields that fix every tensor's shape outside the compressed layers: a model loaded
+# from init_from keeps its own
+DIMENSIONS = ("block_size", "vocab_size", "n_layer", "n_head", "n_embd", "bias", "layer_norm_epsilon")
+# --help for the model keys: GPTConfig's here, the compression keys' in compress.KEYS
 MODEL_HELP = {
     "vocab_size": "tokens of the vocabulary", "n_layer": "transformer blocks", "n_head": "attention heads",
     "n_embd": "width of the residual stream", "dropout": "dropout probability", "bias": "biases in linears and LayerNorms",
     "layer_norm_epsilon": "LayerNorm epsilon",
     "untied_head": "the output matrix a trained copy of the embedding (KnGPT-2, TQCompressedGPT2) instead of tied",
-    "mlp": "MLP method: dense | kron | lowrank | shared",
-    "kron_shape": "A (m1, n1) for c_fc (4 n_embd, n_embd); c_proj uses (n1, m1). Or set kron_b_shape",
-    "kron_b_shape": "B (m2, n2) for c_fc, e.g. (2, 2) for the 81M class at any width; c_proj uses (n2, m2)",
-    "kron_factors": "Kronecker factors k per matrix", "kron_scalars": "one trained scalar per factor",
-    "kron_init": "vl | vl-norm | prune | random, when compressing a trained model",
-    "kron_sparse": "also keep the largest fraction p of the residual W - W_hat as sparse values",
-    "prune_b_second": "prune's B = [1, prune_b_second]: the paper's text 0.1, its original code 0",
-    "kron_permute": "None | 'hidden' | 'hidden+residual': free permutations that lower the Van Loan error first",
-    "lowrank_rank": "rank of lowrank, basis size of shared (`python lowrank.py plan-rank`)",
-    "share_group": "shared: consecutive layers per basis",
-    "compress_targets": "list of dicts choosing any linears and layers to compress (see model.check_target)",
+    **{k: help for k, (_, _, help) in COMPRESSION_KEYS.items()},
 }
 TRAIN_KEYS = tuple(f.name for f in fields(TrainConfig) if f.name != "model")
-MODEL_KEYS = tuple(f.name for f in fields(GPTConfig) if f.name != "block_size")
-MODEL_DEFAULTS = {f.name: f.default for f in fields(GPTConfig) if f.default is not MISSING and f.name != "block_size"}
-TYPES = {**typing.get_type_hints(GPTConfig), **typing.get_type_hints(TrainConfig)}
+MODEL_KEYS = tuple(f.name for f in fields(GPTConfig) if f.name != "block_size") + tuple(COMPRESSION_KEYS)
+MODEL_DEFAULTS = {**{f.name: f.default for f in fields(GPTConfig) if f.name != "block_size"},
+                  **{k: default for k, (default, _, _) in COMPRESSION_KEYS.items()}}
+TYPES = {**typing.get_type_hints(GPTConfig), **{k: hint for k, (_, hint, _) in COMPRESSION_KEYS.items()},
+         **typing.get_type_hints(TrainConfig)}
 # keys that change the model itself: fixed for the life of a run, like the optimizer's structure
-FIXED_ON_RESUME = tuple(k for k in MODEL_KEYS if k not in INIT_ONLY) + ("decay_factors",)
+FIXED_ON_RESUME = tuple(k for k in MODEL_KEYS if k not in INIT_ONLY and k != "dropout") + ("decay_factors",)
 # keys that say nothing about what a run computes: a run is "the same" whatever they are
 # (out_dir too: a run directory moved elsewhere holds the same run)
 BOOKKEEPING = ("out_dir", "init_from", "overwrite", "wandb_log", "wandb_project", "wandb_run_name", "wandb_mode",

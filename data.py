@@ -40,7 +40,7 @@ from typing import Iterator
 import numpy as np
 import torch
 
-from storage import TEMP_PREFIX, DiskFull, atomic_directory, atomic_write, write_json
+from storage import TEMP_PREFIX, DiskFull, RunLock, atomic_directory, atomic_write, write_json
 
 OWT = "Skylion007/openwebtext"
 EOT = 50256                      # GPT-2's <|endoftext|>
@@ -375,11 +375,10 @@ def _carry_foreign(out: str, new: str) -> None:
 
 @contextlib.contextmanager
 def _output_lock(out: str) -> Iterator[None]:
-    """Exclusive use of `out` while it is prepared: an flock on out/LOCK_NAME (the kernel drops it
-    when its holder dies, however it dies). A second run waits for the first and then finds the
-    output finished. Under the lock, what killed runs left beside `out` is removed. A directory
-    created here is removed again if the block fails before filling it."""
-    import fcntl
+    """Exclusive use of `out` while it is prepared: storage.RunLock on out/LOCK_NAME. A second run
+    waits for the first and then finds the output finished. Under the lock, what killed runs left
+    beside `out` is removed. A directory created here is removed again if the block fails before
+    filling it."""
     created = not os.path.isdir(out)
     parent, base = os.path.split(out)
     pattern = _own_temp_name(base)
@@ -391,24 +390,8 @@ def _output_lock(out: str) -> Iterator[None]:
                 print(f"restored {out} from {name}, left there by an interrupted run")
                 created = False
                 break
-    while True:
-        os.makedirs(out, exist_ok=True)
-        path = os.path.join(out, LOCK_NAME)
-        try:
-            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-        except FileNotFoundError:           # `out` was swapped away just now
-            continue
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            print(f"{out} is being prepared by another process; waiting for it to finish", flush=True)
-            fcntl.flock(fd, fcntl.LOCK_EX)
-        try:  # the holder we waited for replaced `out`: lock the new directory's file instead
-            if os.path.samestat(os.fstat(fd), os.stat(path)):
-                break
-        except FileNotFoundError:
-            pass
-        os.close(fd)
+    lock = RunLock(out, LOCK_NAME, wait=f"{out} is being prepared by another process; waiting for it to finish")
+    lock.acquire()
     ok = False
     try:
         for name in sorted(os.listdir(parent)):
@@ -417,10 +400,10 @@ def _output_lock(out: str) -> Iterator[None]:
         yield
         ok = True
     finally:
-        os.close(fd)
+        lock.release()
         if created and not ok and os.listdir(out) in ([], [LOCK_NAME]):
             with contextlib.suppress(OSError):
-                os.remove(path)
+                os.remove(lock.path)
                 os.rmdir(out)
 
 

@@ -41,9 +41,10 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from data import DataError, TokenData, gpt2_encoding
+import checkpoints
+from checkpoints import resolve_model
 from kronecker import frozen_kron_weights
-from model import GPT, resolve_model
-from runtime import DEVICE_HELP, DTYPES, autocast, dtype_name, pick_device, pick_dtype, run_cli
+from runtime import ArgumentParser, DEVICE_HELP, DTYPES, autocast, dtype_name, pick_device, pick_dtype, run_cli
 from storage import write_json
 
 # name -> (hub dataset, config, split)
@@ -298,7 +299,7 @@ def eval_dtype(name: str, protocol: str, device: torch.device, log=print) -> tor
 
 
 def check_model_names(specs: list[str]) -> None:
-    """Resolve every --model (model.resolve_model: nothing is loaded or downloaded), so a
+    """Resolve every --model (checkpoints.resolve_model: nothing is loaded or downloaded), so a
     mistyped path fails before any dataset is read."""
     for spec in specs:
         resolve_model(spec)
@@ -318,8 +319,8 @@ def check_writable(path: str) -> None:
                          "path") from None
 
 
-def load_model(spec: str, device: torch.device | str = "cpu") -> GPT:
-    return GPT.load(spec).to(device).eval()
+def load_model(spec: str, device: torch.device | str = "cpu") -> torch.nn.Module:
+    return checkpoints.load_model(spec).to(device).eval()
 
 
 def evaluate(model, model_name: str, dataset: str, rows: list[str] | list[int], enc, protocol: str = "paper",
@@ -364,7 +365,7 @@ def markdown_table(records: list[dict]) -> str:
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(
+    p = ArgumentParser(
         description="Perplexity (and LAMBADA last-word accuracy) of GPT-2 style models.",
         epilog="Protocols: 'paper' = windows of --block-size tokens, stride = block size, "
                "ppl = exp(mean of window means) (the Krony-PT numbers); 'sliding' = windows every "
@@ -375,7 +376,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--datasets", default=None,
                    help=f"comma-separated, from: {', '.join(DATASETS)} (default wikitext-103,wikitext-2,lambada "
                         "unless --data-file is given)")
-    p.add_argument("--data-file", action="append", default=[],
+    p.add_argument("--data_file", action="append", default=[],
                    help="local text file, one dataset row per line (WikiText's format), or .jsonl with a "
                         "'text' field per row (LAMBADA's format; last-word accuracy is reported too), or a prepared "
                         "token file (train.bin / val.bin of prepare_owt.py, scored as it is); repeatable")
@@ -384,15 +385,15 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="paper (default: the published numbers' protocol) or sliding")
     p.add_argument("--stride", type=int, default=None,
                    help="stride of --protocol sliding (default: half the context, 512 for GPT-2)")
-    p.add_argument("--block-size", type=int, default=None,
+    p.add_argument("--block_size", type=int, default=None,
                    help="context length in tokens (default: the model's block size, 1024 for GPT-2)")
-    p.add_argument("--batch-size", type=int, default=8, help="windows per forward pass")
+    p.add_argument("--batch_size", type=int, default=8, help="windows per forward pass")
     p.add_argument("--device", default="auto", help=DEVICE_HELP)
     p.add_argument("--dtype", default="auto", choices=["auto", *DTYPES],
                    help="precision of the evaluation (recorded in every result). auto = float32 for "
                         "--protocol paper (as the published numbers); for sliding, bfloat16 autocast on a CUDA "
                         "GPU that supports it, else float32")
-    p.add_argument("--limit-tokens", type=int, default=None,
+    p.add_argument("--limit_tokens", type=int, default=None,
                    help="evaluate only the first N tokens of each dataset (quick runs; not comparable)")
     p.add_argument("--out", default=None, help="write the records as a JSON list here")
     args = p.parse_args(argv)

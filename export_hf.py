@@ -19,14 +19,15 @@ the previous export behind. A non-empty --out is refused without --overwrite.
 """
 from __future__ import annotations
 
-import argparse
 import os
 
 import torch
 import torch.nn as nn
 
-from model import GPT, LINEAR_NAMES, dense_weight, resolve_model
-from runtime import run_cli
+from checkpoints import load_model, resolve_model
+from compress import dense_weight, spec_of
+from model import LINEAR_NAMES
+from runtime import ArgumentParser, run_cli
 from storage import atomic_directory, write_json
 
 
@@ -81,7 +82,7 @@ def hf_config(model) -> dict:
         "eos_token_id": 50256,
         "use_cache": True,
         # provenance: what the dense file was materialised from
-        "krony_source_config": c.to_dict(),
+        "krony_source_config": {**c.to_dict(), **spec_of(model).keys},
     }
 
 
@@ -108,16 +109,16 @@ def export(model, out_dir: str, overwrite: bool = False) -> str:
 
 
 def main(argv=None) -> None:
-    p = argparse.ArgumentParser(description="Export a Krony checkpoint as a dense GPT-2 in Hugging Face layout "
+    p = ArgumentParser(description="Export a Krony checkpoint as a dense GPT-2 in Hugging Face layout "
                                             "(config.json + model.safetensors).")
-    p.add_argument("--model", required=True, help="checkpoint file (.pt), run directory, or any model GPT.load takes")
+    p.add_argument("--model", required=True, help="checkpoint file (.pt), run directory, or any model checkpoints.load_model takes")
     p.add_argument("--out", required=True, help="output directory (new or empty; see --overwrite)")
     p.add_argument("--overwrite", action="store_true",
                    help="replace a non-empty --out whole (none of its files survive)")
     args = p.parse_args(argv)
     check_out(args.out, args.overwrite)     # before the (slow) load
     resolve_model(args.model)
-    model = GPT.load(args.model).eval()
+    model = load_model(args.model).eval()
     export(model, args.out, args.overwrite)
     dense = sum(t.numel() for t in hf_state_dict(model).values())
     print(f"wrote {args.out} (config.json, model.safetensors): {model.num_params():,} parameters materialised "

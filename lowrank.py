@@ -178,8 +178,6 @@ def init_shared_group(members: list[SharedBasisLinear], weights: list[torch.Tens
 
 
 if __name__ == "__main__":
-    # `python lowrank.py plan-rank|count ...`: those commands live in sizes.py, which imports this
-    # file, so the layer must not import it. A fresh interpreter runs sizes.main with the same arguments.
-    code = (f"import sys; sys.path.insert(0, {os.path.dirname(os.path.abspath(__file__))!r}); "
-            "import sizes; sizes.main(sys.argv[1:], prog='lowrank.py', commands=('plan-rank', 'count'))")
-    os.execv(sys.executable, [sys.executable, "-c", code, *sys.argv[1:]])
+    # `python lowrank.py plan-rank|count ...` are the planner's commands (sizes.py, a script above this layer)
+    script = os.path.join(os.path.dirname(os.path.abspath(__file__)), "sizes.py")
+    os.execv(sys.executable, [sys.executable, script, *sys.argv[1:]])

@@ -29,11 +29,11 @@ The work itself lives in data.py (data.prepare); this file is its command line.
 """
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 
 from data import OWT, TXT_DOCS, DataError, prepare
+from runtime import ArgumentParser
 from storage import DiskFull
 
 
@@ -49,7 +49,7 @@ class ExitError(SystemExit):
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(
+    p = ArgumentParser(
         description="Tokenise a text dataset with the GPT-2 BPE into train.bin / val.bin (uint16) + meta.json.",
         epilog="Examples: python prepare_owt.py  (OpenWebText, ~9B tokens, ~17 GB)  |  "
                "python prepare_owt.py --dataset ../shared/data/tinyshakespeare.txt --out data/shakespeare")
@@ -57,14 +57,14 @@ def main(argv: list[str] | None = None) -> None:
                    help=f"Hugging Face dataset name, or a local .txt/.jsonl/.parquet file, directory or glob "
                         f"(default: {OWT})")
     p.add_argument("--out", default="data/openwebtext", help="output directory (default: data/openwebtext)")
-    p.add_argument("--text-column", default="text", help="column holding the text (default: text)")
+    p.add_argument("--text_column", default="text", help="column holding the text (default: text)")
     p.add_argument("--split", default="train", help="split of a hub dataset to read (default: train)")
     p.add_argument("--config", default=None, help="configuration name of a hub dataset, if it has several")
-    p.add_argument("--val-fraction", type=float, default=0.0005,
+    p.add_argument("--val_fraction", type=float, default=0.0005,
                    help="fraction of documents held out for val.bin (default: 0.0005, as nanoGPT)")
-    p.add_argument("--num-proc", type=int, default=max(1, (os.cpu_count() or 2) // 2),
+    p.add_argument("--num_proc", type=int, default=max(1, (os.cpu_count() or 2) // 2),
                    help="processes for tokenisation (default: half the CPU cores)")
-    p.add_argument("--txt-docs", choices=TXT_DOCS, default="paragraph",
+    p.add_argument("--txt_docs", choices=TXT_DOCS, default="paragraph",
                    help="what one document of a .txt file is: paragraph (text between blank lines, default), "
                         "file, or line")
     p.add_argument("--seed", type=int, default=2357, help="seed of the random validation split")

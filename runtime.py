@@ -10,6 +10,7 @@ recipes mean), with a note.
 """
 from __future__ import annotations
 
+import argparse
 import contextlib
 import sys
 from typing import Callable
@@ -94,6 +95,27 @@ def sync(device: torch.device | str) -> None:
     """Wait for the device (timing)."""
     if torch.device(device).type == "cuda":
         torch.cuda.synchronize()
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse for every script: an option is spelled as its config key (--batch_size,
+    --kron_shape), and the dashed spelling earlier versions used (--batch-size, --kron-shape) is
+    still read as it, without appearing in --help, so that old commands keep working."""
+
+    def parse_known_args(self, args=None, namespace=None):
+        args = sys.argv[1:] if args is None else list(args)
+        return super().parse_known_args([self.spelled(a) for a in args], namespace)
+
+    def add_renamed(self, old: str, key: str, **kwargs) -> None:
+        """An earlier name of the option --key (--factors for --kron_factors): still read, not shown."""
+        self.add_argument(old, dest=key, default=argparse.SUPPRESS, help=argparse.SUPPRESS, **kwargs)
+
+    def spelled(self, arg: str) -> str:
+        name, eq, value = arg.partition("=")
+        if not name.startswith("--") or name in self._option_string_actions:
+            return arg
+        key = "--" + name[2:].replace("-", "_")
+        return key + eq + value if key in self._option_string_actions else arg
 
 
 def run_cli(main: Callable, errors: tuple = (ValueError, OSError, RuntimeError),

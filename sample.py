@@ -19,27 +19,27 @@ import time
 import torch
 
 from data import gpt2_encoding
-from model import GPT, resolve_model
-from runtime import DEVICE_HELP, DTYPES, dtype_name, pick_device, pick_dtype, run_cli, sync
+from checkpoints import load_model, resolve_model
+from runtime import ArgumentParser, DEVICE_HELP, DTYPES, dtype_name, pick_device, pick_dtype, run_cli, sync
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description="Sample text from a GPT-2 style model (KV-cached generation).")
+    p = ArgumentParser(description="Sample text from a GPT-2 style model (KV-cached generation).")
     p.add_argument("--model", required=True,
                    help="checkpoint file (.pt), run directory, local Hugging Face directory or hub name")
     p.add_argument("--prompt", default="\n", help="text to continue (default: a newline)")
-    p.add_argument("--prompt-file", default=None, help="read the prompt from this file instead")
+    p.add_argument("--prompt_file", default=None, help="read the prompt from this file instead")
     p.add_argument("--interactive", action="store_true", help="a prompt loop: type a prompt, get samples")
-    p.add_argument("--num-samples", type=int, default=1)
-    p.add_argument("--max-new-tokens", type=int, default=200)
+    p.add_argument("--num_samples", type=int, default=1)
+    p.add_argument("--max_new_tokens", type=int, default=200)
     p.add_argument("--temperature", type=float, default=1.0, help="0 = greedy")
-    p.add_argument("--top-k", type=int, default=None, help="keep only the k most likely tokens")
-    p.add_argument("--top-p", type=float, default=None, help="nucleus sampling: smallest set with mass >= p")
+    p.add_argument("--top_k", type=int, default=None, help="keep only the k most likely tokens")
+    p.add_argument("--top_p", type=float, default=None, help="nucleus sampling: smallest set with mass >= p")
     p.add_argument("--seed", type=int, default=1337)
     p.add_argument("--device", default="auto", help=DEVICE_HELP)
     p.add_argument("--dtype", default="auto", choices=["auto", *DTYPES],
                    help="auto = bfloat16 autocast on a CUDA GPU that supports it, else float32")
-    p.add_argument("--no-cache", action="store_true", help="recompute the whole context for every token")
+    p.add_argument("--no_cache", action="store_true", help="recompute the whole context for every token")
     args = p.parse_args(argv)
     check_args(args)
     return args
@@ -96,7 +96,7 @@ def main(argv=None) -> None:
     dtype = pick_dtype(args.dtype, device, log=lambda m: print(m, file=sys.stderr))
     enc = gpt2_encoding()
     # the weights themselves in dtype (not autocast): the KV cache then has the same dtype
-    model = GPT.load(args.model).to(device).eval().to(dtype)
+    model = load_model(args.model).to(device).eval().to(dtype)
     generator = torch.Generator(device=device).manual_seed(args.seed)
     total_tokens, total_seconds = 0, 0.0
 

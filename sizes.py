@@ -7,26 +7,27 @@ Parameter counts and size planning, for every compression method:
   do not exceed a Kronecker configuration's,
 - size_report: what a GPTConfig builds (on the meta device), layer by layer.
 
-The commands that print these are served from the files users know them by:
+Its command line (also reached as `python kronecker.py plan` and `python lowrank.py ...`):
 
-    python kronecker.py plan --factors 4 --max-rank-only     # Table 1 of the Krony-PT paper
-    python lowrank.py plan-rank --kron-shape 1536 384        # ranks matching a Kronecker size
-    python lowrank.py count --targets '[...]'                # sizes of a compress_targets setup
+    python sizes.py plan --kron_factors 4 --max_rank_only          # Table 1 of the Krony-PT paper
+    python sizes.py plan-rank --kron_shape 1536 384                # ranks matching a Kronecker size
+    python sizes.py count --compress_targets '[...]'               # sizes of a compress_targets setup
 
-This is a library module: the layers (kronecker.py, lowrank.py) and model.py never
-import it, and it has no command line of its own (main is called by those two files).
+Options are spelled as the config keys they mean (kron_factors, kron_shape, lowrank_rank,
+share_group, ...). The layers and model.py never import this file; compare_init.py does.
 Sizes count the tied embedding once; "without wpe" leaves out the position embeddings
 (the paper's '92.2M' convention).
 """
 from __future__ import annotations
 
-import argparse
 from dataclasses import dataclass
 
 import torch
 
+from compress import Compression, build, resolve
 from kronecker import b_shape_for, divisors, rank_bound, sparse_count
-from model import GPT, GPTConfig, LINEAR_NAMES
+from model import GPTConfig, LINEAR_NAMES
+from runtime import ArgumentParser, run_cli
 
 
 # -----------------------------------------------------------------------------
@@ -182,11 +183,11 @@ def format_rows(rows: list[dict]) -> str:
 # -----------------------------------------------------------------------------
 # What a config builds
 
-def size_report(config: GPTConfig) -> str:
-    """Parameter counts of the model `config` describes (built on the meta device, no memory):
-    which method each linear layer uses, and the totals in the three conventions."""
+def size_report(config: GPTConfig, spec: Compression) -> str:
+    """Parameter counts of the model `config` and `spec` describe (built on the meta device, no
+    memory): which method each linear layer uses, and the totals in the three conventions."""
     with torch.device("meta"):
-        model = GPT(config)
+        model = build(config, spec)
     per_method: dict[str, list[str]] = {}
     for layer, block in enumerate(model.transformer.h):
         for name in LINEAR_NAMES:
@@ -207,97 +208,104 @@ def size_report(config: GPTConfig) -> str:
 
 
 # -----------------------------------------------------------------------------
-# The commands (run as `python kronecker.py plan`, `python lowrank.py plan-rank|count`)
+# The command line
 
-COMMANDS = ("plan", "plan-rank", "count")
 # flags that are sizes or counts: checked before any work, as a zero or negative one
 # would print an empty table or fail deep inside the model
-POSITIVE_FLAGS = ("n_embd", "n_layer", "n_head", "vocab", "block_size", "factors", "group", "rank")
+POSITIVE_FLAGS = ("n_embd", "n_layer", "n_head", "vocab_size", "block_size", "kron_factors", "share_group",
+                  "lowrank_rank")
 
 
-def add_model_sizes(q: argparse.ArgumentParser, n_head: bool) -> None:
-    q.add_argument("--n-embd", type=int, default=768)
-    q.add_argument("--n-layer", type=int, default=12)
+def add_model_sizes(q: ArgumentParser, n_head: bool) -> None:
+    q.add_argument("--n_embd", type=int, default=768, help="width of the residual stream")
+    q.add_argument("--n_layer", type=int, default=12, help="transformer blocks")
     if n_head:
-        q.add_argument("--n-head", type=int, default=12)
-    q.add_argument("--vocab", type=int, default=50257)
-    q.add_argument("--block-size", type=int, default=1024)
+        q.add_argument("--n_head", type=int, default=12, help="attention heads")
+    q.add_argument("--vocab_size", type=int, default=50257, help="tokens of the vocabulary")
+    q.add_renamed("--vocab", "vocab_size", type=int)
+    q.add_argument("--block_size", type=int, default=1024, help="context length (position embeddings)")
 
 
-def build_parser(prog: str, commands: tuple[str, ...]) -> argparse.ArgumentParser:
-    unknown = [c for c in commands if c not in COMMANDS]
-    if unknown:
-        raise ValueError(f"unknown sizes command(s) {unknown}; choose from {COMMANDS}")
-    descriptions = {"kronecker.py": "Kronecker factor tools for Krony-PT.",
-                    "lowrank.py": "Low-rank and shared-basis sizes next to Kronecker ones."}
-    p = argparse.ArgumentParser(prog=prog, description=descriptions.get(prog, "Parameter counts and size planning."))
+def add_kron_options(q: ArgumentParser, sparse: bool) -> None:
+    q.add_argument("--kron_factors", type=int, default=1, help="number k of Kronecker factors per matrix")
+    q.add_renamed("--factors", "kron_factors", type=int)
+    q.add_argument("--kron_scalars", action="store_true", help="count one trained scalar per factor")
+    q.add_renamed("--scalars", "kron_scalars", action="store_true")
+    if sparse:
+        q.add_argument("--kron_sparse", type=float, default=0.0, help="kron_sparse fraction p (its values count)")
+        q.add_renamed("--sparse", "kron_sparse", type=float)
+
+
+def build_parser() -> ArgumentParser:
+    p = ArgumentParser(prog="sizes.py", description="Parameter counts and size planning for every compression "
+                       "method. Options are spelled as the config keys they mean.")
     sub = p.add_subparsers(dest="cmd", required=True)
-    if "plan" in commands:
-        pp = sub.add_parser("plan", help="table of valid A/B shapes for the MLP matrices, with model sizes",
-                            description="Lists every A shape (m1, n1) that tiles c_fc (4*n_embd, n_embd); "
-                            "c_proj uses the transposed shapes. Sizes count the tied embedding once; "
-                            "'model size' includes the position embeddings, 'without wpe' leaves them out "
-                            "(the paper's '92.2M' convention). A row is chosen in train.py and GPTConfig by "
-                            "either of its shapes: kron_shape=(m1, n1) (A) or kron_b_shape=(m2, n2) (B, which "
-                            "means the same at any width). How the factors start: kron_init, prune_b_second, "
-                            "kron_permute (python train.py --help).")
-        add_model_sizes(pp, n_head=False)
-        pp.add_argument("--factors", type=int, default=1, help="number k of Kronecker factors per matrix")
-        pp.add_argument("--scalars", action="store_true", help="count one trained scalar per factor")
-        pp.add_argument("--max-rank-only", action="store_true",
-                        help="only shapes with min(m1,n1)*min(m2,n2) = n_embd (the paper's Table 1)")
-    if "plan-rank" in commands:
-        pr = sub.add_parser("plan-rank", help="the low-rank / shared-basis rank matching a Kronecker MLP size",
-                            description="For a Kronecker configuration of every MLP (A shape for c_fc; c_proj "
-                            "uses it transposed), print the largest low-rank rank and shared-basis size whose "
-                            "MLP weights do not exceed the Kronecker ones, with model sizes.")
-        pr.add_argument("--kron-shape", type=int, nargs=2, required=True, metavar=("M1", "N1"))
-        pr.add_argument("--factors", type=int, default=1)
-        pr.add_argument("--scalars", action="store_true")
-        pr.add_argument("--sparse", type=float, default=0.0, help="kron_sparse fraction p (its values count)")
-        pr.add_argument("--group", type=int, default=2, help="layers sharing one basis (share_group)")
-        add_model_sizes(pr, n_head=True)
-    if "count" in commands:
-        pc = sub.add_parser("count", help="parameter counts of a setup (compress_targets)",
-                            description="Builds the model on the meta device and prints which layers each "
-                            "method replaces and the parameter counts (with / without wpe, untied-output convention).")
-        pc.add_argument("--targets", default="[]", help="compress_targets as JSON (a list of dicts)")
-        pc.add_argument("--mlp", default="dense", help="method of the MLPs no target selects")
-        pc.add_argument("--kron-shape", type=int, nargs=2, metavar=("M1", "N1"))
-        pc.add_argument("--factors", type=int, default=1)
-        pc.add_argument("--sparse", type=float, default=0.0)
-        pc.add_argument("--rank", type=int, default=None, help="lowrank_rank")
-        pc.add_argument("--group", type=int, default=2)
-        add_model_sizes(pc, n_head=True)
+    pp = sub.add_parser("plan", help="table of valid A/B shapes for the MLP matrices, with model sizes",
+                        description="Lists every A shape (m1, n1) that tiles c_fc (4*n_embd, n_embd); "
+                        "c_proj uses the transposed shapes. Sizes count the tied embedding once; "
+                        "'model size' includes the position embeddings, 'without wpe' leaves them out "
+                        "(the paper's '92.2M' convention). A row is chosen in train.py by either of its "
+                        "shapes: kron_shape=(m1, n1) (A) or kron_b_shape=(m2, n2) (B, which means the same "
+                        "at any width). How the factors start: kron_init, prune_b_second, kron_permute, "
+                        "calib_tokens (python train.py --help).")
+    add_model_sizes(pp, n_head=False)
+    add_kron_options(pp, sparse=False)
+    pp.add_argument("--max_rank_only", action="store_true",
+                    help="only shapes with min(m1,n1)*min(m2,n2) = n_embd (the paper's Table 1)")
+    pr = sub.add_parser("plan-rank", help="the low-rank / shared-basis rank matching a Kronecker MLP size",
+                        description="For a Kronecker configuration of every MLP (A shape for c_fc; c_proj "
+                        "uses it transposed), print the largest low-rank rank and shared-basis size whose "
+                        "MLP weights do not exceed the Kronecker ones, with model sizes.")
+    pr.add_argument("--kron_shape", type=int, nargs=2, metavar=("M1", "N1"), help="A shape for c_fc (required)")
+    add_kron_options(pr, sparse=True)
+    pr.add_argument("--share_group", type=int, default=2, help="layers sharing one basis")
+    pr.add_renamed("--group", "share_group", type=int)
+    add_model_sizes(pr, n_head=True)
+    pc = sub.add_parser("count", help="parameter counts of a setup (compress_targets)",
+                        description="Builds the model on the meta device and prints which layers each "
+                        "method replaces and the parameter counts (with / without wpe, untied-output convention).")
+    pc.add_argument("--compress_targets", default="[]", help="compress_targets as JSON (a list of dicts)")
+    pc.add_renamed("--targets", "compress_targets")
+    pc.add_argument("--mlp", default="dense", help="method of the MLPs no target selects")
+    pc.add_argument("--kron_shape", type=int, nargs=2, metavar=("M1", "N1"), help="A shape for c_fc")
+    add_kron_options(pc, sparse=True)
+    pc.add_argument("--lowrank_rank", type=int, default=None, help="rank of lowrank, basis size of shared")
+    pc.add_renamed("--rank", "lowrank_rank", type=int)
+    pc.add_argument("--share_group", type=int, default=2, help="layers sharing one basis")
+    pc.add_renamed("--group", "share_group", type=int)
+    add_model_sizes(pc, n_head=True)
     return p
 
 
-def main(argv: list[str] | None = None, prog: str = "sizes", commands: tuple[str, ...] = COMMANDS) -> None:
-    """Run one of `commands` (plan, plan-rank, count) with argv, e.g. ["plan", "--factors", "4"]."""
-    p = build_parser(prog, commands)
-    args = p.parse_args(argv)
+def main(argv: list[str] | None = None) -> None:
+    """Run one command with argv, e.g. ["plan", "--kron_factors", "4"]."""
+    args = build_parser().parse_args(argv)
     for name in POSITIVE_FLAGS:
         value = getattr(args, name, None)
         if value is not None and value < 1:
-            p.exit(2, f"error: --{name.replace('_', '-')} must be a positive integer, got {value}\n")
-    try:
-        if args.cmd == "plan":
-            rows = plan(args.n_embd, args.n_layer, args.vocab, args.block_size, args.factors,
-                        args.scalars, args.max_rank_only)
-            dense = gpt_param_count(args.n_embd, args.n_layer, args.vocab, args.block_size)
-            print(f"dense GPT-2 (n_embd={args.n_embd}, n_layer={args.n_layer}): {dense:,} parameters "
-                  f"({gpt_param_count(args.n_embd, args.n_layer, args.vocab, args.block_size, include_wpe=False):,} without wpe); "
-                  f"k={args.factors} factor(s){' with scalars' if args.scalars else ''}")
-            print(format_plan(rows))
-        elif args.cmd == "plan-rank":
-            rows = plan_rank(tuple(args.kron_shape), args.factors, args.scalars, args.sparse, args.group,
-                             args.n_embd, args.n_layer, args.vocab, args.block_size)
-            print(format_rows(rows))
-        else:
-            config = GPTConfig(n_embd=args.n_embd, n_layer=args.n_layer, n_head=args.n_head,
-                               vocab_size=args.vocab, block_size=args.block_size, mlp=args.mlp,
-                               kron_shape=args.kron_shape, kron_factors=args.factors, kron_sparse=args.sparse,
-                               lowrank_rank=args.rank, share_group=args.group, compress_targets=args.targets)
-            print(size_report(config))
-    except ValueError as e:          # bad shapes, ranks or targets: say what to change, no traceback
-        p.exit(2, f"error: {e}\n")
+            raise ValueError(f"--{name} must be a positive integer, got {value}")
+    if args.cmd == "plan":
+        rows = plan(args.n_embd, args.n_layer, args.vocab_size, args.block_size, args.kron_factors,
+                    args.kron_scalars, args.max_rank_only)
+        dense = gpt_param_count(args.n_embd, args.n_layer, args.vocab_size, args.block_size)
+        print(f"dense GPT-2 (n_embd={args.n_embd}, n_layer={args.n_layer}): {dense:,} parameters "
+              f"({gpt_param_count(args.n_embd, args.n_layer, args.vocab_size, args.block_size, include_wpe=False):,}"
+              f" without wpe); k={args.kron_factors} factor(s){' with scalars' if args.kron_scalars else ''}")
+        print(format_plan(rows))
+    elif args.cmd == "plan-rank":
+        if args.kron_shape is None:
+            raise ValueError("plan-rank needs --kron_shape M1 N1, the A shape of c_fc")
+        rows = plan_rank(tuple(args.kron_shape), args.kron_factors, args.kron_scalars, args.kron_sparse,
+                         args.share_group, args.n_embd, args.n_layer, args.vocab_size, args.block_size)
+        print(format_rows(rows))
+    else:
+        config = GPTConfig(n_embd=args.n_embd, n_layer=args.n_layer, n_head=args.n_head,
+                           vocab_size=args.vocab_size, block_size=args.block_size)
+        spec = resolve(config, mlp=args.mlp, kron_shape=args.kron_shape, kron_factors=args.kron_factors,
+                       kron_scalars=args.kron_scalars, kron_sparse=args.kron_sparse, lowrank_rank=args.lowrank_rank,
+                       share_group=args.share_group, compress_targets=args.compress_targets)
+        print(size_report(config, spec))
+
+
+if __name__ == "__main__":
+    run_cli(main)

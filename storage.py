@@ -169,31 +169,49 @@ class DirectoryLocked(RuntimeError):
 
 
 class RunLock:
-    """An exclusive lock on a directory for the life of one process (`with RunLock(d): ...`).
+    """An exclusive lock on a directory for the life of one process (`with RunLock(d): ...`): the
+    one lock of the repository, for a run's out_dir, a study's directory and a data set being
+    prepared.
 
-    It is an flock on `d/.lock`: the kernel releases it when its holder dies, however it dies,
-    so a lock left by a killed run is simply taken over. The file records the holder's pid and
-    host for the error message a second run gets."""
+    It is an flock on `d/.lock` (or `d/name`): the kernel releases it when its holder dies, however
+    it dies, so a lock left by a killed run is simply taken over. The file records the holder's pid
+    and host for the error message a second run gets. With `wait` (a message to print), a second
+    process waits for the first instead of failing, and locks the directory the first one leaves
+    there (it may have replaced the whole directory)."""
 
     NAME = ".lock"
 
-    def __init__(self, directory: str):
+    def __init__(self, directory: str, name: str = NAME, wait: str | None = None):
         self.directory = directory
-        self.path = os.path.join(directory, self.NAME)
+        self.path = os.path.join(directory, name)
+        self.wait = wait
         self._fd: int | None = None
 
     def acquire(self) -> "RunLock":
         import fcntl
-        os.makedirs(self.directory, exist_ok=True)
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, FILE_MODE)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            holder = os.read(fd, 200).decode(errors="replace").strip() or "another process"
+        while True:
+            os.makedirs(self.directory, exist_ok=True)
+            try:
+                fd = os.open(self.path, os.O_RDWR | os.O_CREAT, FILE_MODE)
+            except FileNotFoundError:           # the directory was swapped away just now
+                continue
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                if self.wait is None:
+                    holder = os.read(fd, 200).decode(errors="replace").strip() or "another process"
+                    os.close(fd)
+                    raise DirectoryLocked(
+                        f"{self.directory} is in use by a running process ({holder}); wait for it to finish, "
+                        "stop it, or choose another out_dir") from None
+                print(self.wait, flush=True)
+                fcntl.flock(fd, fcntl.LOCK_EX)
+            try:        # the holder we waited for may have replaced the directory: lock the new one's file
+                if os.path.samestat(os.fstat(fd), os.stat(self.path)):
+                    break
+            except FileNotFoundError:
+                pass
             os.close(fd)
-            raise DirectoryLocked(
-                f"{self.directory} is in use by a running process ({holder}); wait for it to finish, "
-                "stop it, or choose another out_dir") from None
         os.ftruncate(fd, 0)
         os.write(fd, f"pid {os.getpid()} on {socket.gethostname()}".encode())
         self._fd = fd

@@ -54,7 +54,8 @@ import torch
 import storage
 from config import (ConfigError, TrainConfig, TrainError, config_diff, config_from, format_diff,
                     load_config_file, parse_override, to_overrides)
-from model import GPT, load_checkpoint, resolve_model, source_config
+from checkpoints import CKPT_BEST, CKPT_LAST, RUN_JSON, load_checkpoint, resolve_model, source_spec
+from compress import build
 
 REPO = os.path.dirname(os.path.abspath(__file__))
 STUDY_KEYS = {"teacher": None, "data_dir": "data/openwebtext", "out_dir": "out-study", "eval_data_files": [],
@@ -155,10 +156,10 @@ def changed_runs(plans: list[dict]) -> list[str]:
 
 def stored_config(run_dir: str) -> dict | None:
     """The config a run directory was trained with: from run.json, else its last checkpoint."""
-    summary = read_json(os.path.join(run_dir, "run.json"))
+    summary = read_json(os.path.join(run_dir, RUN_JSON))
     if summary is not None:
         return summary["config"]
-    for name in ("ckpt_last.pt", "ckpt_best.pt"):      # the checkpoint train.py resumes from
+    for name in (CKPT_LAST, CKPT_BEST):      # the checkpoint train.py resumes from
         ckpt = os.path.join(run_dir, name)
         if os.path.isfile(ckpt):
             try:
@@ -180,10 +181,11 @@ def planned_sizes(teacher_plan: dict | None, plans: list[dict], teacher: str | d
     """Parameters of the model every run trains (built on the meta device), checking each run's
     compression keys against the teacher's matrices before anything is trained."""
     if teacher_plan is not None:
-        teacher_config = teacher_plan["cfg"].model_config()
+        config, spec = teacher_plan["cfg"].model_spec()
+        teacher_spec = (config, spec.keys)
     else:
         try:
-            teacher_config = source_config(str(teacher))
+            teacher_spec = source_spec(str(teacher))
         except (FileNotFoundError, ValueError, RuntimeError) as e:
             raise StudyError(f"teacher={teacher!r} cannot be loaded: {e}") from None
     sizes = {}
@@ -191,14 +193,14 @@ def planned_sizes(teacher_plan: dict | None, plans: list[dict], teacher: str | d
         cfg = p["cfg"]
         from_teacher = p is not teacher_plan and cfg.init_from == p["teacher_path"]
         try:
-            config = cfg.model_config(teacher_config) if from_teacher and teacher_config else cfg.model_config()
+            resolved = cfg.model_spec(teacher_spec) if from_teacher and teacher_spec else cfg.model_spec()
         except (ConfigError, FileNotFoundError) as e:
             raise StudyError(f"run {p['name']!r}: {e}") from None
-        if config is None:
+        if resolved is None:
             sizes[p["name"]] = None
             continue
         with torch.device("meta"):
-            sizes[p["name"]] = GPT(config).num_params()
+            sizes[p["name"]] = build(*resolved).num_params()
     return sizes
 
 
@@ -244,7 +246,7 @@ def tail(path: str, n: int = 3) -> str:
 
 def train_run(plan: dict, index: str, echo) -> dict:
     """Train one run unless it is finished; returns its run.json summary (or a failure)."""
-    summary = read_json(os.path.join(plan["dir"], "run.json"))
+    summary = read_json(os.path.join(plan["dir"], RUN_JSON))
     if summary and summary.get("finished") and not config_diff(summary["config"], plan["cfg"].flat()):
         print(f"{index} {plan['name']}: finished earlier, skipped", flush=True)
         return {"status": "ok", **summary}
@@ -253,7 +255,7 @@ def train_run(plan: dict, index: str, echo) -> dict:
     t0 = time.time()
     code = run_logged([sys.executable, os.path.join(REPO, "train.py"), *to_overrides(plan["cfg"])], log_path,
                       lambda line: echo(f"{index} {plan['name']}: {line}") if line.startswith("eval iter") else None)
-    summary = read_json(os.path.join(plan["dir"], "run.json"))
+    summary = read_json(os.path.join(plan["dir"], RUN_JSON))
     if code != 0 or not summary or not summary.get("finished"):
         return {"status": f"failed (exit {code}): {tail(log_path)}"}
     print(f"{index} {plan['name']}: done in {time.time() - t0:.0f} s, best val loss {summary['best_val_loss']:.4f}",
@@ -283,7 +285,7 @@ def evaluate(model: str, out_json: str, study: dict, device: str, log_path: str,
 
 def checkpoint_stamp(run_dir: str) -> str | None:
     """What identifies the evaluated checkpoint (its size and time): a new one is evaluated again."""
-    path = os.path.join(run_dir, "ckpt_best.pt")
+    path = os.path.join(run_dir, CKPT_BEST)
     if not os.path.isfile(path):
         return None
     st = os.stat(path)

@@ -11,11 +11,13 @@ distilled from a teacher.
 A config file is plain Python assignments (`batch_size = 24`); names starting with "_" are helpers
 and ignored. `--key=value` overrides a key; values are parsed with ast.literal_eval
 (`--kron_shape=(1536,384)`, `--decay_lr=False`) and fall back to a string (`--init_from=gpt2`).
-Unknown keys, values of the wrong type and impossible values are errors. Every GPTConfig field
-(mlp, kron_shape, kron_b_shape, kron_factors, kron_init, untied_head, ...) is a key too.
+Unknown keys, values of the wrong type and impossible values are errors, found before anything is
+locked, prepared or downloaded. The model keys are the GPTConfig fields (n_layer, n_embd,
+untied_head, ...) and the compression keys (mlp, kron_shape, kron_b_shape, kron_factors, kron_init,
+calib_tokens, ...).
 
 init_from:
-  scratch                      a new model built from the config's GPTConfig keys
+  scratch                      a new model built from the config's model keys
   gpt2, gpt2-medium, ..., DIR  a Hugging Face GPT-2 (hub name or local directory), then compressed
                                as mlp / kron_* say (the per-layer approximation error is printed)
   resume                       continue out_dir's run: model, optimizer, iteration, data RNG
@@ -50,16 +52,19 @@ from dataclasses import dataclass, fields
 from typing import Optional
 
 import torch
-import torch.nn.functional as F
 
 import data
 import runtime
 import storage
-from config import (FIXED_ON_RESUME, MODEL_DEFAULTS, MODEL_HELP, MODEL_KEYS, TRAIN_KEYS, ConfigError, TrainConfig,
+from checkpoints import (CKPT_BEST, CKPT_LAST, RUN_JSON, from_pretrained, load_checkpoint, load_model,
+                         model_from_checkpoint, rebuilt, resolve_model, save_checkpoint)
+from compress import architecture, build, compress, format_report, spec_of
+from config import (DIMENSIONS, FIXED_ON_RESUME, MODEL_DEFAULTS, MODEL_HELP, MODEL_KEYS, TRAIN_KEYS, ConfigError,
+                    TrainConfig,
                     TrainError, config_diff, format_diff, resolve_config)
+from distill import distill_kl, hidden_mse
 from kronecker import KronLinear
-from model import (DIMENSIONS, GPT, GPTConfig, architecture, compress, format_report, load_checkpoint,
-                   resolve_model)
+from model import GPT
 
 REPO = os.path.dirname(os.path.abspath(__file__))
 PEAK_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40": 181e12, "A10": 125e12,
@@ -81,11 +86,11 @@ def build_model(cfg: TrainConfig, log) -> GPT:
     init = cfg.init_from
     try:
         if init == "scratch":
-            return GPT(GPTConfig(block_size=cfg.block_size, **cfg.model))
+            return build(*cfg.model_spec())
         found = resolve_model(init)
         if found.kind == "checkpoint":      # weights only: fresh optimizer, iteration 0
             ckpt = load_checkpoint(found.path)
-            model = GPT.from_checkpoint_dict(ckpt, source=found.path)
+            model = model_from_checkpoint(ckpt, source=found.path)
             log(f"loaded the weights of {found.path} (iteration {ckpt.get('iter_num', '?')})")
             changed = sorted(k for k in DIMENSIONS if k in cfg.model and cfg.model[k] != getattr(model.config, k))
             if changed:
@@ -95,11 +100,13 @@ def build_model(cfg: TrainConfig, log) -> GPT:
             ignored = sorted(k for k in DIMENSIONS if k in cfg.model)
             if ignored:
                 log(f"note: init_from={init!r} fixes {', '.join(ignored)}; the config's values are ignored")
-            model = GPT.from_pretrained(init)
-        target = cfg.model_config(model.config)
-        if architecture(target) == architecture(model.config):
-            return model.rebuilt(dropout=target.dropout) if target.dropout != model.config.dropout else model
-        model, report = compress(model, target)
+            model = from_pretrained(init)
+        config, spec = cfg.model_spec((model.config, spec_of(model).keys))
+        if config != model.config:          # dropout or untied_head: the same tensors
+            model = rebuilt(model, dropout=config.dropout, untied_head=config.untied_head)
+        if architecture(config, spec) == architecture(model):
+            return model
+        model, report = compress(model, spec)
         log(f"compressed {init}: " + ", ".join(f"{k}={v!r}" for k, v in cfg.model.items() if k not in DIMENSIONS))
         log(format_report(report))
         return model
@@ -114,7 +121,7 @@ def load_teacher(cfg: TrainConfig, student: GPT, device: torch.device, log) -> G
     if not cfg.distill_from:
         return None
     try:
-        teacher = GPT.load(cfg.distill_from)
+        teacher = load_model(cfg.distill_from)
     except (ValueError, FileNotFoundError, RuntimeError) as e:
         raise TrainError(f"could not load the teacher distill_from={cfg.distill_from!r}: {e}") from e
     t, s = teacher.config, student.config
@@ -177,62 +184,6 @@ def peak_flops(cfg: TrainConfig, device: torch.device) -> float | None:
 
 
 # -----------------------------------------------------------------------------
-# Distillation losses
-
-class ChunkedKL(torch.autograd.Function):
-    """T^2 * KL(p_teacher || p_student) at temperature T, averaged over N positions, where the
-    teacher's logits are its final hidden states (N, d) times its output matrix (V, d).
-
-    Both softmaxes over the vocabulary are taken `chunk` positions at a time and the teacher's
-    logits are recomputed per chunk, forward and backward: no (N, V) tensor of the teacher's, or
-    of either softmax, ever exists. What stays is the gradient for the student's logits
-    (T (p_s - p_t) / N per chunk), one tensor the size of the logits, as plain training has."""
-
-    @staticmethod
-    def forward(ctx, logits: torch.Tensor, t_hidden: torch.Tensor, t_head: torch.Tensor, T: float,
-                chunk: int) -> torch.Tensor:
-        N = logits.shape[0]
-        total = torch.zeros((), dtype=torch.float32, device=logits.device)
-        for s in range(0, N, chunk):
-            log_ps, log_pt = ChunkedKL.log_probs(logits, t_hidden, t_head, T, s, chunk)
-            total += (log_pt.exp() * (log_pt - log_ps)).sum()
-        ctx.save_for_backward(logits, t_hidden, t_head)
-        ctx.T, ctx.chunk = T, chunk
-        return total * (T * T / N)
-
-    @staticmethod
-    def log_probs(logits, t_hidden, t_head, T, s, chunk):
-        """log-softmaxes (float32) of student and teacher at temperature T, positions s..s+chunk."""
-        t_logits = t_hidden[s:s + chunk] @ t_head.t()                       # (chunk, V)
-        return (F.log_softmax(logits[s:s + chunk].float() / T, dim=-1),
-                F.log_softmax(t_logits.float() / T, dim=-1))
-
-    @staticmethod
-    def backward(ctx, grad_out: torch.Tensor):
-        logits, t_hidden, t_head = ctx.saved_tensors
-        T, chunk, N = ctx.T, ctx.chunk, logits.shape[0]
-        grad = torch.empty_like(logits)
-        scale = grad_out * (T / N)                  # d(T^2 KL / N) / d logits = T (p_s - p_t) / N
-        for s in range(0, N, chunk):
-            log_ps, log_pt = ChunkedKL.log_probs(logits, t_hidden, t_head, T, s, chunk)
-            grad[s:s + chunk] = ((log_ps.exp() - log_pt.exp()) * scale).to(grad.dtype)
-        return grad, None, None, None, None
-
-
-def distill_kl(logits: torch.Tensor, teacher: GPT, t_last: torch.Tensor, T: float, chunk: int) -> torch.Tensor:
-    """The soft-target term for student logits (B, L, V) and the teacher's last hidden state (B, L, d)."""
-    t_final = teacher.transformer.ln_f(t_last)
-    V = logits.size(-1)
-    return ChunkedKL.apply(logits.reshape(-1, V), t_final.reshape(-1, t_final.size(-1)).to(logits.dtype),
-                           teacher.lm_head.weight.to(logits.dtype), T, chunk)
-
-
-def hidden_mse(student: list[torch.Tensor], teacher: list[torch.Tensor]) -> torch.Tensor:
-    """Mean over blocks of the mean squared error between the hidden states after each block."""
-    return torch.stack([F.mse_loss(s.float(), t.float()) for s, t in zip(student, teacher)]).mean()
-
-
-# -----------------------------------------------------------------------------
 # The run
 
 @dataclass
@@ -270,8 +221,8 @@ class Trainer:
     def __init__(self, cfg: TrainConfig, dist: Distributed):
         self.cfg, self.dist = cfg, dist
         self.log = print if dist.master else (lambda *a, **k: None)
-        self.ckpt_last = os.path.join(cfg.out_dir, "ckpt_last.pt")
-        self.ckpt_best = os.path.join(cfg.out_dir, "ckpt_best.pt")
+        self.ckpt_last = os.path.join(cfg.out_dir, CKPT_LAST)
+        self.ckpt_best = os.path.join(cfg.out_dir, CKPT_BEST)
         self.iter_num, self.best_val_loss, self.train_seconds = 0, float("inf"), 0.0
         self.history: list[dict] = []                   # every evaluation: iter, tokens, train, val, seconds
         self.result = {"losses": [], "iters": [], "evals": []}
@@ -317,7 +268,7 @@ class Trainer:
         except data.DataError as e:
             raise ConfigError(str(e)) from None
         # resumed: exactly as the run built it (its stored architecture, whatever the config says)
-        self.model = GPT.from_checkpoint_dict(ckpt, source=self.resume_path) if ckpt else build_model(cfg, self.log)
+        self.model = model_from_checkpoint(ckpt, source=self.resume_path) if ckpt else build_model(cfg, self.log)
         if cfg.block_size > self.model.config.block_size:
             raise ConfigError(f"block_size={cfg.block_size} is longer than the model's context "
                               f"{self.model.config.block_size}")
@@ -329,7 +280,7 @@ class Trainer:
         m = self.model
         self.log(f"model: {m.num_params():,} parameters ({m.num_params(include_wpe=False):,} without position "
                  f"embeddings{', ' + format(m.num_params(include_head=False), ',') + ' without the untied output matrix' if m.config.untied_head else ''}), "
-                 f"mlp={m.config.mlp}, kron_shape={m.config.kron_shape}, kron_b_shape={m.config.kron_b_shape}")
+                 + ", ".join(f"{k}={spec_of(m).keys[k]!r}" for k in ("mlp", "kron_shape", "kron_b_shape")))
         self.teacher = load_teacher(cfg, self.model, self.device, self.log)
         self.optimizer = configure_optimizer(self.model, cfg, self.device)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.dtype == torch.float16)
@@ -349,7 +300,7 @@ class Trainer:
             if removed:
                 self.log(f"removed {len(removed)} temp file(s) a killed run left in {cfg.out_dir}")
             if cfg.overwrite and cfg.init_from != "resume":
-                for path in (self.ckpt_last, self.ckpt_best, os.path.join(cfg.out_dir, "run.json")):
+                for path in (self.ckpt_last, self.ckpt_best, os.path.join(cfg.out_dir, RUN_JSON)):
                     if os.path.exists(path):
                         os.remove(path)
                         self.log(f"overwrite=True: removed {path}")
@@ -473,13 +424,13 @@ class Trainer:
                      torch_rng=torch.get_rng_state(), history=self.history, train_seconds=self.train_seconds,
                      cuda_rng=torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None)
         if improved:
-            self.model.save_checkpoint(self.ckpt_best, **extra)
+            save_checkpoint(self.model, self.ckpt_best, **extra)
             self.log(f"saved {self.ckpt_best} (val loss {self.best_val_loss:.4f})")
         if improved or self.cfg.always_save_checkpoint:
             if improved:
                 storage.atomic_copy(self.ckpt_best, self.ckpt_last)
             else:
-                self.model.save_checkpoint(self.ckpt_last, **extra)
+                save_checkpoint(self.model, self.ckpt_last, **extra)
             self.log(f"saved {self.ckpt_last}")
 
     def flush(self, pending: list[torch.Tensor]) -> list[float]:
@@ -626,7 +577,7 @@ class Trainer:
         summary["tokens_per_s"] = summary["tokens"] / self.train_seconds if self.train_seconds else None
         summary.update(peak_memory())
         if self.dist.master:
-            storage.write_json(summary, os.path.join(cfg.out_dir, "run.json"))
+            storage.write_json(summary, os.path.join(cfg.out_dir, RUN_JSON))
         self.result.update(best_val_loss=self.best_val_loss, iter_num=self.iter_num, model=m, summary=summary)
         return self.result
 
@@ -701,7 +652,7 @@ def main(argv: list[str] | None = None) -> dict:
     model_keys = "\n".join(f"  {k:<{width}} = {MODEL_DEFAULTS[k]!r:<20} {MODEL_HELP.get(k, '')}" for k in MODEL_KEYS)
     p = argparse.ArgumentParser(prog="train.py", allow_abbrev=False, formatter_class=argparse.RawDescriptionHelpFormatter,
                                 description=__doc__, epilog=f"training keys and their defaults:\n{keys}\n\nmodel keys "
-                                f"(GPTConfig fields, see model.py; block_size is above):\n{model_keys}")
+                                f"(GPTConfig's and compress.py's; block_size is above):\n{model_keys}")
     p.add_argument("config", nargs="?", help="config file (Python assignments), e.g. configs/krony81m.py")
     p.add_argument("overrides", nargs="*", metavar="--key=value", help="override a config key")
     argv = list(sys.argv[1:] if argv is None else argv)

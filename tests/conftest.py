@@ -151,3 +151,20 @@ def scratch(**kw) -> dict:
 def sha(path) -> str:
     with open(path, "rb") as f:
         return hashlib.sha256(f.read()).hexdigest()
+
+
+def gpt(**kw):
+    """A fresh GPT from GPTConfig fields and compression keys given together, e.g.
+    gpt(n_layer=2, n_embd=32, mlp="kron", kron_shape=(64, 16)): compress.build on model.GPTConfig."""
+    from dataclasses import fields
+    from compress import build
+    from model import GPTConfig
+    dims = {f.name for f in fields(GPTConfig)}
+    return build(GPTConfig(**{k: v for k, v in kw.items() if k in dims}),
+                 **{k: v for k, v in kw.items() if k not in dims})
+
+
+def spec_keys(model) -> dict:
+    """The compression keys a model was built or compressed with."""
+    from compress import spec_of
+    return spec_of(model).keys

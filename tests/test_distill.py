@@ -13,7 +13,9 @@ import torch.nn.functional as F
 
 import train
 from conftest import ROOT, VOCAB, run, run_argv, write_tiny_tokens
-from model import GPT, GPTConfig, load_checkpoint
+from checkpoints import load_checkpoint, load_model, save_checkpoint
+from conftest import gpt
+from distill import ChunkedKL, distill_kl, hidden_mse
 
 
 @pytest.fixture(scope="module")
@@ -51,7 +53,7 @@ def test_chunked_kl_matches_the_full_vocabulary_reference(chunk):
     N, d, V, T = 50, 16, 300, 2.5
     logits = torch.randn(N, V, requires_grad=True)
     hidden, head = torch.randn(N, d), torch.randn(V, d)
-    kl = train.ChunkedKL.apply(logits, hidden, head, T, chunk)             # float32, as in training
+    kl = ChunkedKL.apply(logits, hidden, head, T, chunk)             # float32, as in training
     ref = reference_kl(logits, hidden.double() @ head.double().t(), T)       # float64, all at once
     torch.testing.assert_close(kl.double(), ref, rtol=1e-5, atol=1e-7)
     g, = torch.autograd.grad(3.0 * kl, logits)
@@ -60,13 +62,13 @@ def test_chunked_kl_matches_the_full_vocabulary_reference(chunk):
 
 
 def test_student_equal_to_its_teacher_has_zero_distillation_loss_and_gradient(teacher_dir):
-    teacher = GPT.load(teacher_dir).eval().requires_grad_(False)
+    teacher = load_model(teacher_dir).eval().requires_grad_(False)
     student = copy.deepcopy(teacher).requires_grad_(True)
     x = torch.randint(0, VOCAB, (3, 16))
     logits, _, hidden = student(x, x, return_hidden=True)
     t_hidden = teacher.hidden_states(x, every_block=True)
-    kl = train.distill_kl(logits, teacher, t_hidden[-1], T=2.0, chunk=5)
-    mse = train.hidden_mse(hidden, t_hidden)
+    kl = distill_kl(logits, teacher, t_hidden[-1], T=2.0, chunk=5)
+    mse = hidden_mse(hidden, t_hidden)
     assert abs(kl.item()) < 1e-6 and mse.item() == 0.0
     (kl + mse).backward()
     worst = max(p.grad.abs().max().item() for p in student.parameters() if p.grad is not None)
@@ -76,8 +78,8 @@ def test_student_equal_to_its_teacher_has_zero_distillation_loss_and_gradient(te
     with torch.no_grad():
         other.transformer.h[0].mlp.c_fc.weight.mul_(0.5)
     logits, _, hidden = other(x, x, return_hidden=True)
-    assert train.distill_kl(logits, teacher, t_hidden[-1], 2.0, 5).item() > 1e-4
-    assert train.hidden_mse(hidden, t_hidden).item() > 1e-6
+    assert distill_kl(logits, teacher, t_hidden[-1], 2.0, 5).item() > 1e-4
+    assert hidden_mse(hidden, t_hidden).item() > 1e-6
 
 
 def test_zero_weights_give_plain_training_bit_for_bit(data_dir, teacher_dir, tmp_path):
@@ -122,11 +124,11 @@ def test_two_process_torchrun_with_a_teacher(data_dir, teacher_dir, tmp_path):
 
 def test_teachers_that_cannot_work_are_clear_errors(data_dir, teacher_dir, tmp_path):
     other_vocab = tmp_path / "vocab100.pt"
-    GPT(GPTConfig(n_layer=2, n_head=2, n_embd=32, vocab_size=100, block_size=16)).save_checkpoint(str(other_vocab))
+    save_checkpoint(gpt(n_layer=2, n_head=2, n_embd=32, vocab_size=100, block_size=16), str(other_vocab))
     with pytest.raises(train.ConfigError, match="one vocabulary.*100.*64"):
         student_run(data_dir, tmp_path / "a", teacher_dir, distill_from=str(other_vocab))
     shallow = tmp_path / "shallow.pt"
-    GPT(GPTConfig(n_layer=1, n_head=2, n_embd=32, vocab_size=VOCAB, block_size=16)).save_checkpoint(str(shallow))
+    save_checkpoint(gpt(n_layer=1, n_head=2, n_embd=32, vocab_size=VOCAB, block_size=16), str(shallow))
     with pytest.raises(train.ConfigError, match="distill_hidden.*1 layers.*2"):
         student_run(data_dir, tmp_path / "b", teacher_dir, distill_from=str(shallow), distill_hidden=1.0)
     student_run(data_dir, tmp_path / "c", teacher_dir, distill_from=str(shallow), max_iters=2)   # KL alone: fine

@@ -10,6 +10,7 @@ import torch
 
 import eval_ppl
 from conftest import ROOT, SHARED
+from checkpoints import load_model, save_checkpoint
 from model import GPT
 
 CONTEXT = 64
@@ -40,7 +41,7 @@ def kron_pair(tmp_path_factory, tiny_hf_dir):
             for lin in (blk.mlp.c_fc, blk.mlp.c_proj):
                 lin.scalars.mul_(torch.tensor([1.3, 0.7]))
     path = str(tmp_path_factory.mktemp("kron") / "ckpt.pt")
-    model.save_checkpoint(path)
+    save_checkpoint(model, path)
     hf = transformers.GPT2LMHeadModel.from_pretrained(tiny_hf_dir).eval()
     with torch.no_grad():
         for blk, hblk in zip(model.transformer.h, hf.transformer.h):
@@ -257,7 +258,7 @@ def test_bad_inputs_give_clear_errors(tmp_path, tiny_hf_dir, monkeypatch):
     with pytest.raises(FileNotFoundError, match="no such directory or checkpoint"):
         eval_ppl.load_model(str(tmp_path / "no" / "model.pt"))
     with pytest.raises(ValueError, match="block_size"):
-        eval_ppl.perplexity(GPT.load(tiny_hf_dir), list(range(100)), "paper", context=128)
+        eval_ppl.perplexity(load_model(tiny_hf_dir), list(range(100)), "paper", context=128)
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"passage": "x"}\n', encoding="utf-8")
     with pytest.raises(ValueError, match="'text' field"):

@@ -7,6 +7,7 @@ import torch
 from safetensors.torch import load_file
 
 import export_hf
+from checkpoints import load_model, save_checkpoint
 from model import GPT, LINEAR_NAMES
 
 
@@ -29,7 +30,7 @@ def test_export_round_trip(tiny_hf_dir, tmp_path, overrides):
         for p in model.parameters():
             p.add_(0.01 * torch.randn_like(p))
     ckpt = str(tmp_path / "ckpt.pt")
-    model.save_checkpoint(ckpt)
+    save_checkpoint(model, ckpt)
     out = str(tmp_path / "hf")
     export_hf.main(["--model", ckpt, "--out", out])
 
@@ -40,7 +41,7 @@ def test_export_round_trip(tiny_hf_dir, tmp_path, overrides):
     assert sd["transformer.h.0.mlp.c_fc.weight"].shape == (32, 128)       # Conv1D (in, out)
     assert sd["transformer.h.1.mlp.c_proj.weight"].shape == (128, 32)
 
-    model = GPT.load(ckpt).eval()
+    model = load_model(ckpt).eval()
     hf = transformers.GPT2LMHeadModel.from_pretrained(out).eval()
     ours = GPT.from_pretrained(out).eval()
     idx = torch.randint(0, 50257, (2, 40))

@@ -28,7 +28,9 @@ import sample
 import storage
 import train
 from conftest import ROOT, VOCAB, kron_run, run, run_argv, scratch, sha
-from model import GPT, GPTConfig, load_checkpoint
+from checkpoints import from_checkpoint, load_checkpoint, save_checkpoint
+from conftest import gpt
+from model import GPT
 
 ENV = dict(os.environ)
 WORDS = ["alpha", "beta", "gamma", "delta", "kronecker", "matrix", "sum", "product", "factor", "token",
@@ -395,7 +397,7 @@ def test_download(tmp_path, monkeypatch):
 @pytest.fixture(scope="module")
 def tiny_ckpt(tmp_path_factory, tiny_hf_dir):
     path = str(tmp_path_factory.mktemp("ckpt") / "ckpt.pt")
-    GPT.from_pretrained(tiny_hf_dir, mlp="kron", kron_shape=(32, 8)).save_checkpoint(path)
+    save_checkpoint(GPT.from_pretrained(tiny_hf_dir, mlp="kron", kron_shape=(32, 8)), path)
     return path
 
 
@@ -687,7 +689,7 @@ def assert_checkpoints_consistent(out, last_iter, best_iter):
         assert not os.path.exists(os.path.join(out, "ckpt_last.pt"))
     else:
         last = load_checkpoint(os.path.join(out, "ckpt_last.pt"))
-        GPT.from_checkpoint(os.path.join(out, "ckpt_last.pt"))
+        from_checkpoint(os.path.join(out, "ckpt_last.pt"))
         assert last["iter_num"] == last_iter
         assert best["val_loss"] == last["best_val_loss"] or best["iter_num"] > last["iter_num"]
         assert best["val_loss"] <= last["best_val_loss"]
@@ -859,8 +861,8 @@ def test_train_cli_mistakes(tmp_path, data_dir, pausing_train):
     for copy in ("done_copy", "done_copy2"):          # a copy of a run is the same run
         shutil.copytree(done, tmp_path / copy)
     weights_only = tmp_path / "weights_only"
-    GPT(GPTConfig(n_layer=1, n_head=2, n_embd=32, vocab_size=VOCAB, block_size=32)).save_checkpoint(
-        str(weights_only / "ckpt_last.pt"))
+    save_checkpoint(gpt(n_layer=1, n_head=2, n_embd=32, vocab_size=VOCAB, block_size=32),
+                    str(weights_only / "ckpt_last.pt"))
     junk = tmp_path / "junk"                                     # random bytes of the right size
     shutil.copytree(data_dir, junk)
     size = os.path.getsize(junk / "train.bin")

@@ -11,8 +11,8 @@ import sys
 import pytest
 import torch
 
-from kronecker import (FEW_ROWS, KRON_PATHS, KronLinear, gram_product, kron_path, summed_products, thin_group,
-                       thin_matmul)
+from kron_kernels import FEW_ROWS, KRON_PATHS, gram_product, kron_path, summed_products, thin_group, thin_matmul
+from kronecker import KronLinear
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

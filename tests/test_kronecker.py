@@ -10,6 +10,7 @@ import torch.nn as nn
 from conftest import ROOT
 from kronecker import (KronLinear, a_shape_for, b_shape_for, kron_decompose, kron_sum, prune_factors, rank_bound,
                        vl_rearrange)
+from runtime import run_cli
 from sizes import gpt_param_count, main as sizes_main, plan
 
 
@@ -200,7 +201,7 @@ def test_bad_shapes_say_what_to_do():
 
 @pytest.mark.parametrize("shape", [(3072, 768, 1), (16,), 5, "ab"])
 def test_a_kron_shape_that_is_not_a_pair_is_a_clear_error(shape):
-    pair = r"kron_shape must be a pair \(m1, n1\), got "
+    pair = r"kron_shape=.* must be a pair \(m1, n1\) of positive integers"
     with pytest.raises(ValueError, match=pair):
         KronLinear(768, 3072, shape)
     with pytest.raises(ValueError, match=pair):
@@ -209,7 +210,7 @@ def test_a_kron_shape_that_is_not_a_pair_is_a_clear_error(shape):
         kron_decompose(torch.randn(32, 8), shape)
     with pytest.raises(ValueError, match=pair):
         vl_rearrange(torch.randn(32, 8), shape)
-    with pytest.raises(ValueError, match=r"B shape must be a pair \(m2, n2\), got "):
+    with pytest.raises(ValueError, match=r"B shape=.* must be a pair \(m2, n2\) of positive integers"):
         a_shape_for((3072, 768), shape)
 
 
@@ -252,7 +253,7 @@ def test_plan_reproduces_table_1():
 
 @pytest.mark.slow
 def test_plan_cli_prints_both_sizes():
-    out = subprocess.run([sys.executable, "kronecker.py", "plan", "--factors", "4", "--max-rank-only"],
+    out = subprocess.run([sys.executable, "kronecker.py", "plan", "--kron_factors", "4", "--max_rank_only"],
                          cwd=ROOT, capture_output=True, text=True, check=True).stdout
     line = next(l for l in out.splitlines() if l.startswith("| (1024, 256)"))
     assert "92,983,392" in line and "92,196,960" in line
@@ -261,12 +262,15 @@ def test_plan_cli_prints_both_sizes():
 
 @pytest.mark.slow
 def test_plan_cli_refuses_non_positive_sizes_in_one_line(capsys):
-    proc = subprocess.run([sys.executable, "kronecker.py", "plan", "--n-embd", "0"], cwd=ROOT,
+    proc = subprocess.run([sys.executable, "kronecker.py", "plan", "--n_embd", "0"], cwd=ROOT,
                           capture_output=True, text=True)
-    assert (proc.returncode, proc.stdout, proc.stderr) == (2, "", "error: --n-embd must be a positive integer, got 0\n")
-    for flag, value in [("--n-layer", "-1"), ("--vocab", "0"), ("--block-size", "0"), ("--factors", "0")]:
+    assert (proc.returncode, proc.stdout, proc.stderr) == (2, "", "error: --n_embd must be a positive integer, got 0\n")
+    # each option under its config-key name, and under the names earlier versions used
+    for flag, key, value in [("--n_layer", "n_layer", "-1"), ("--vocab", "vocab_size", "0"),
+                             ("--block-size", "block_size", "0"), ("--factors", "kron_factors", "0"),
+                             ("--kron_factors", "kron_factors", "0")]:
         with pytest.raises(SystemExit) as exit_:
-            sizes_main(["plan", flag, value], prog="kronecker.py", commands=("plan",))
+            run_cli(lambda: sizes_main(["plan", flag, value]))
         assert exit_.value.code == 2
         out, err = capsys.readouterr()
-        assert out == "" and err == f"error: {flag} must be a positive integer, got {value}\n"
+        assert out == "" and err == f"error: --{key} must be a positive integer, got {value}\n"

@@ -8,7 +8,11 @@ import torch.nn as nn
 
 from conftest import ROOT
 from lowrank import LowRankLinear, SharedBasisLinear, init_shared_group, tie_bases
-from model import GPT, GPTConfig, compress
+from checkpoints import from_checkpoint, save_checkpoint
+from compress import compress
+from conftest import gpt
+from model import GPT
+from runtime import run_cli
 from sizes import main, match_mlp_ranks, plan_rank
 
 
@@ -69,8 +73,8 @@ def test_full_rank_models_reproduce_gpt2(tiny_hf_dir):
 def test_shared_checkpoint_round_trip_keeps_the_tie(tmp_path, tiny_hf_dir):
     model = GPT.from_pretrained(tiny_hf_dir, mlp="shared", lowrank_rank=8, share_group=2).eval()
     path = str(tmp_path / "shared.pt")
-    model.save_checkpoint(path)
-    back = GPT.from_checkpoint(path).eval()
+    save_checkpoint(model, path)
+    back = from_checkpoint(path).eval()
     assert back.transformer.h[0].mlp.c_proj.basis is back.transformer.h[1].mlp.c_proj.basis
     assert back.num_params() == model.num_params()
     idx = torch.randint(0, 50257, (1, 10))
@@ -82,10 +86,10 @@ def test_shared_checkpoint_round_trip_keeps_the_tie(tmp_path, tiny_hf_dir):
                                                        ((16, 8), 1, 0.05, 2)])
 def test_equal_parameter_rank_agrees_with_built_models(kron_shape, k, sparse, group):
     base = dict(n_layer=4, n_embd=32, n_head=2, block_size=16, vocab_size=64)
-    kron = GPT(GPTConfig(**base, mlp="kron", kron_shape=kron_shape, kron_factors=k, kron_sparse=sparse))
+    kron = gpt(**base, mlp="kron", kron_shape=kron_shape, kron_factors=k, kron_sparse=sparse)
     m = match_mlp_ranks(kron_shape, k, False, sparse, group, n_embd=32, n_layer=4)
-    low = lambda r: GPT(GPTConfig(**base, mlp="lowrank", lowrank_rank=r)).num_params()
-    shared = lambda r: GPT(GPTConfig(**base, mlp="shared", lowrank_rank=r, share_group=group)).num_params()
+    low = lambda r: gpt(**base, mlp="lowrank", lowrank_rank=r).num_params()
+    shared = lambda r: gpt(**base, mlp="shared", lowrank_rank=r, share_group=group).num_params()
     # the largest rank that fits: r fits, r + 1 does not
     assert low(m.lowrank_rank) <= kron.num_params() < low(m.lowrank_rank + 1)
     assert shared(m.shared_rank) <= kron.num_params() < shared(m.shared_rank + 1)
@@ -93,7 +97,7 @@ def test_equal_parameter_rank_agrees_with_built_models(kron_shape, k, sparse, gr
     assert rows["kron"]["model_size"] == kron.num_params()
     assert rows["lowrank"]["model_size"] == low(m.lowrank_rank)
     assert rows["shared"]["model_size"] == shared(m.shared_rank)
-    assert rows["dense"]["model_size"] == GPT(GPTConfig(**base)).num_params()
+    assert rows["dense"]["model_size"] == gpt(**base).num_params()
     assert rows["kron"]["model_size_no_wpe"] == kron.num_params(include_wpe=False)
 
 
@@ -111,7 +115,7 @@ def test_plan_rank_cli(capsys):
     m = match_mlp_ranks((1536, 384))
     assert f"lowrank_rank={m.lowrank_rank}" in out and "81,972,576" in out   # Table 1's 81M model
     with pytest.raises(SystemExit):
-        main(["plan-rank", "--kron-shape", "1536", "385"])
+        run_cli(lambda: main(["plan-rank", "--kron_shape", "1536", "385"]))
     assert "does not tile" in capsys.readouterr().err
 
 
@@ -122,5 +126,5 @@ def test_lowrank_commands_run_from_any_directory(tmp_path):
     run = lambda *a: subprocess.run([sys.executable, lowrank_py, *a], cwd=tmp_path, capture_output=True, text=True)
     proc = run("plan-rank", "--kron-shape", "1536", "384")
     assert proc.returncode == 0 and "81,972,576" in proc.stdout, proc.stderr
-    proc = run("plan-rank", "--kron-shape", "1536", "384", "--group", "0")
-    assert (proc.returncode, proc.stdout, proc.stderr) == (2, "", "error: --group must be a positive integer, got 0\n")
+    proc = run("plan-rank", "--kron-shape", "1536", "384", "--group", "0")      # the earlier spellings still work
+    assert (proc.returncode, proc.stdout, proc.stderr) == (2, "", "error: --share_group must be a positive integer, got 0\n")

@@ -5,10 +5,12 @@ import os
 import pytest
 import torch
 
-from conftest import make_tiny_hf
+from checkpoints import from_checkpoint, load_model, load_weights, save_checkpoint
+from compress import compress, format_report, resolve, spec_of
+from conftest import gpt, make_tiny_hf
 from kronecker import KronLinear
 from sizes import gpt_param_count
-from model import GPT, GPTConfig, compress, format_report
+from model import GPT, GPTConfig
 
 
 def hf_logits(hf, idx):
@@ -46,8 +48,8 @@ def test_num_params_counts_the_tied_matrix_once():
     model = GPT(config)
     assert model.num_params() == gpt_param_count(32, 3, 1000, 64)
     assert model.num_params(include_wpe=False) == gpt_param_count(32, 3, 1000, 64, include_wpe=False)
-    kron = GPT(GPTConfig(n_layer=3, n_head=2, n_embd=32, block_size=64, vocab_size=1000,
-                         mlp="kron", kron_shape=(16, 8), kron_factors=2))
+    kron = gpt(n_layer=3, n_head=2, n_embd=32, block_size=64, vocab_size=1000,
+                         mlp="kron", kron_shape=(16, 8), kron_factors=2)
     per_matrix = 2 * (16 * 8 + 8 * 4)
     assert kron.num_params() == gpt_param_count(32, 3, 1000, 64, per_matrix)
 
@@ -55,9 +57,9 @@ def test_num_params_counts_the_tied_matrix_once():
 def test_gpt2_small_sizes_without_download():
     # model sizes of the paper's Table 1, from a real-size (random) model; no weights needed
     with torch.device("meta"):
-        dense = GPT(GPTConfig())
-        k81 = GPT(GPTConfig(mlp="kron", kron_shape=(1536, 384)))
-        k92 = GPT(GPTConfig(mlp="kron", kron_shape=(1024, 256), kron_factors=4))
+        dense = gpt()
+        k81 = gpt(mlp="kron", kron_shape=(1536, 384))
+        k92 = gpt(mlp="kron", kron_shape=(1024, 256), kron_factors=4)
     assert dense.num_params() == 124_439_808
     assert k81.num_params() == 81_972_576
     assert (k92.num_params(), k92.num_params(include_wpe=False)) == (92_983_392, 92_196_960)
@@ -80,7 +82,7 @@ def test_compress_copies_everything_else_and_reports(tiny_hf_dir):
     dense = GPT.from_pretrained(tiny_hf_dir)
     kron = GPT.from_pretrained(tiny_hf_dir, mlp="kron", kron_shape=(16, 8), kron_factors=2,
                                kron_scalars=True, kron_init="vl-norm")
-    assert kron.config.kron_factors == 2 and kron.config.kron_scalars
+    assert spec_of(kron).keys["kron_factors"] == 2 and spec_of(kron).keys["kron_scalars"]
     dsd, ksd = dense.state_dict(), kron.state_dict()
     for name, t in dsd.items():
         if ".mlp.c_" in name and name.endswith("weight"):
@@ -99,42 +101,42 @@ def test_compress_copies_everything_else_and_reports(tiny_hf_dir):
 def test_checkpoint_round_trip(tmp_path, tiny_hf_dir):
     model = GPT.from_pretrained(tiny_hf_dir, mlp="kron", kron_shape=(16, 8), kron_scalars=True).eval()
     path = str(tmp_path / "ckpt.pt")
-    model.save_checkpoint(path, iter_num=7)
+    save_checkpoint(model, path, iter_num=7)
     assert not [f for f in os.listdir(tmp_path) if f.startswith(".tmp")]  # atomic: no temp left
-    loaded = GPT.from_checkpoint(path).eval()
-    assert loaded.config == model.config
+    loaded = from_checkpoint(path).eval()
+    assert loaded.config == model.config and spec_of(loaded).keys == spec_of(model).keys
     idx = torch.randint(0, 50257, (2, 12))
     with torch.no_grad():
         assert torch.equal(loaded(idx)[0], model(idx)[0])
-    assert GPT.load(str(tmp_path / "ckpt.pt")).config == model.config
+    assert load_model(str(tmp_path / "ckpt.pt")).config == model.config
 
 
 def test_wrong_checkpoint_is_a_clear_error(tmp_path, tiny_hf_dir):
     model = GPT.from_pretrained(tiny_hf_dir, mlp="kron", kron_shape=(16, 8))
     path = str(tmp_path / "ckpt.pt")
-    model.save_checkpoint(path)
-    other = GPT(GPTConfig(**{**model.config.to_dict(), "kron_shape": (32, 8)}))
+    save_checkpoint(model, path)
+    other = gpt(**{**model.config.to_dict(), **spec_of(model).keys, "kron_shape": (32, 8)})
     ckpt = torch.load(path, weights_only=True)
     with pytest.raises(ValueError, match=r"another model configuration: kron_shape: checkpoint \[16, 8\] "
-                                         r"vs model \[32, 8\].*GPT.from_checkpoint"):
-        other.load_checkpoint_weights(ckpt, source=path)
+                                         r"vs model \[32, 8\].*checkpoints.from_checkpoint"):
+        load_weights(other, ckpt, source=path)
     corrupt = tmp_path / "corrupt.pt"
     corrupt.write_bytes(open(path, "rb").read()[:1000])
     with pytest.raises(RuntimeError, match="truncated or corrupt"):
-        GPT.from_checkpoint(str(corrupt))
+        from_checkpoint(str(corrupt))
     with pytest.raises(FileNotFoundError, match="no checkpoint"):
-        GPT.from_checkpoint(str(tmp_path / "missing.pt"))
+        from_checkpoint(str(tmp_path / "missing.pt"))
 
 
 def test_bad_configs_and_paths(tmp_path):
     with pytest.raises(ValueError, match="needs kron_shape"):
-        GPTConfig(mlp="kron")
+        resolve(GPTConfig(), mlp="kron")
     with pytest.raises(ValueError, match="unknown mlp 'kronecker'"):
-        GPTConfig(mlp="kronecker")
+        resolve(GPTConfig(), mlp="kronecker")
     with pytest.raises(ValueError, match="unknown kron_init 'svd'"):
-        GPTConfig(mlp="kron", kron_shape=(16, 8), kron_init="svd")
+        resolve(GPTConfig(), mlp="kron", kron_shape=(16, 8), kron_init="svd")
     with pytest.raises(ValueError, match="Valid m1"):
-        GPT(GPTConfig(n_layer=1, n_head=2, n_embd=32, vocab_size=100, mlp="kron", kron_shape=(5, 8)))
+        gpt(n_layer=1, n_head=2, n_embd=32, vocab_size=100, mlp="kron", kron_shape=(5, 8))
     with pytest.raises(FileNotFoundError, match="no such directory"):
         GPT.from_pretrained(str(tmp_path / "nope" / "gpt2"))
     (tmp_path / "empty").mkdir()
@@ -189,9 +191,9 @@ def test_cache_prefill_in_chunks_matches_one_pass(tiny_hf_dir):
 def test_macs_per_token_counts_what_each_layer_runs():
     d, L, V, T = 768, 12, 50257, 1024
     with torch.device("meta"):
-        dense = GPT(GPTConfig())
-        k81 = GPT(GPTConfig(mlp="kron", kron_shape=(1536, 384)))
-        low = GPT(GPTConfig(mlp="lowrank", lowrank_rank=100))
+        dense = gpt()
+        k81 = gpt(mlp="kron", kron_shape=(1536, 384))
+        low = gpt(mlp="lowrank", lowrank_rank=100)
     attn_and_head = L * (4 * d * d + 2 * d * T) + V * d
     assert dense.macs_per_token(T) == attn_and_head + L * 8 * d * d
     # (1536, 384) (x) (2, 2), B first is cheaper: X B^T (384*2*2), then A V (1536*384*2); c_proj the same
@@ -212,7 +214,7 @@ def test_untied_head_is_counted_both_ways(tiny_hf_dir):
         torch.testing.assert_close(untied(idx)[0], tied(idx)[0])
     # GPT-2 small untied with the 81M class: KnGPT-2's "119M*" convention leaves the output matrix out
     with torch.device("meta"):
-        k81 = GPT(GPTConfig(mlp="kron", kron_shape=(1536, 384), untied_head=True))
+        k81 = gpt(mlp="kron", kron_shape=(1536, 384), untied_head=True)
     assert k81.num_params(include_head=False) == 81_972_576
     assert k81.num_params() == 81_972_576 + 50257 * 768
 
@@ -226,7 +228,7 @@ def test_scratch_init_gives_factored_layers_the_dense_spread():
     for kw in (dict(mlp="kron", kron_b_shape=(2, 2)), dict(mlp="kron", kron_b_shape=(4, 4), kron_factors=4,
                                                            kron_scalars=True),
                dict(mlp="kron", kron_shape=(16, 4), kron_factors=2), dict(mlp="lowrank", lowrank_rank=8)):
-        model = GPT(GPTConfig(n_layer=L, n_head=2, n_embd=32, vocab_size=100, block_size=16, **kw))
+        model = gpt(n_layer=L, n_head=2, n_embd=32, vocab_size=100, block_size=16, **kw)
         for block in model.transformer.h:
             fc, proj = block.mlp.c_fc.materialize(), block.mlp.c_proj.materialize()
             assert fc.std().item() == pytest.approx(0.02, rel=0.02), kw

@@ -7,10 +7,12 @@ import pytest
 import torch
 
 from conftest import run          # and the fixtures data_dir, hf_dir
-from kronecker import (PermutationTerm, _assignment_cost, a_shape_for, b_shape_for, kron_sum,
-                       permutation_search, relative_error)
-from model import (GPT, GPTConfig, compress, load_checkpoint, permutation_terms, permute_hidden_, permute_residual_,
-                   permuted, search_permutations)
+from checkpoints import load_checkpoint
+from compress import compress, resolve, searched_matrices, spec_of
+from kronecker import a_shape_for, b_shape_for, kron_sum, relative_error
+from model import GPT, GPTConfig
+from permute import (PermutationTerm, _assignment_cost, permutation_search, permutation_terms, permute_hidden_,
+                     permute_residual_, permuted, search_permutations)
 
 D = 32          # n_embd: c_fc (128, 32), c_proj (32, 128)
 H = 4 * D
@@ -100,9 +102,19 @@ def planted_gpt(b_shape, k, hidden=True, residual=False, noise=NOISE, seed=0, **
     return model
 
 
-def summed_error(model: GPT, config: GPTConfig) -> float:
-    """The summed Van Loan error of the MLP matrices `config` compresses, at the model's order."""
-    return sum(relative_error(t.W, t.a_shape, t.k, t.objective) for t in permutation_terms(model, config, None))
+def searched(model: GPT, keys: dict) -> list:
+    """The matrices a search over `model` lowers the error of, for the compression `keys`."""
+    return searched_matrices(resolve(model.config, **keys), model.config)
+
+
+def permuted_for(model: GPT, keys: dict) -> GPT:
+    return permuted(model, searched(model, keys), residual=keys["kron_permute"] == "hidden+residual")
+
+
+def summed_error(model: GPT, keys: dict) -> float:
+    """The summed Van Loan error of the MLP matrices `keys` compresses, at the model's order."""
+    return sum(relative_error(t.W, t.a_shape, t.k, t.objective)
+               for t in permutation_terms(model, searched(model, keys), None))
 
 
 # -----------------------------------------------------------------------------
@@ -156,11 +168,11 @@ def test_permuted_copy_keeps_logits_and_lowers_the_error(kron_permute, untied_he
         model = tiny_gpt(seed=3, untied_head=untied_head)
     else:
         model = planted_gpt((2, 2), 1, hidden=True, residual=True, seed=3, untied_head=untied_head)
-    config = replace(model.config, mlp="kron", kron_b_shape=(2, 2), kron_permute=kron_permute)
+    config = dict(mlp="kron", kron_b_shape=(2, 2), kron_permute=kron_permute)
     idx = tokens(4)
     before = logits_of(model, idx)
     state = {k: v.clone() for k, v in model.state_dict().items()}
-    new = permuted(model, config)
+    new = permuted_for(model, config)
     assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())       # the original untouched
     assert not torch.equal(new.transformer.h[0].mlp.c_fc.weight, model.transformer.h[0].mlp.c_fc.weight)
     assert torch.equal(new.transformer.wte.weight, model.transformer.wte.weight) == (kron_permute == "hidden")
@@ -171,8 +183,8 @@ def test_permuted_copy_keeps_logits_and_lowers_the_error(kron_permute, untied_he
 
 def test_search_permutations_returns_orders_that_reproduce_the_permuted_copy():
     model = planted_gpt((2, 2), 1, hidden=True, residual=True, seed=4)
-    config = replace(model.config, mlp="kron", kron_b_shape=(2, 2), kron_permute="hidden+residual")
-    found = search_permutations(model, config, residual=True)
+    config = dict(mlp="kron", kron_b_shape=(2, 2), kron_permute="hidden+residual")
+    found = search_permutations(model, searched(model, config), residual=True)
     assert len(found.hidden) == 2
     assert sorted(found.residual.tolist()) == list(range(D))
     assert not torch.equal(found.residual, torch.arange(D))
@@ -181,7 +193,7 @@ def test_search_permutations_returns_orders_that_reproduce_the_permuted_copy():
         assert sorted(perm.tolist()) == list(range(H))
         permute_hidden_(by_hand, layer, perm)
     permute_residual_(by_hand, found.residual)
-    copy = permuted(model, config)
+    copy = permuted_for(model, config)
     assert all(torch.equal(v, copy.state_dict()[k]) for k, v in by_hand.state_dict().items())
 
 
@@ -199,7 +211,7 @@ def test_bad_permutations_are_rejected():
 
 
 # -----------------------------------------------------------------------------
-# the search (kronecker.py)
+# the search (permute.py)
 
 def test_assignment_cost_is_the_squared_distance_up_to_constants():
     """cost[u, p] + ||X[u]||^2 + ||X_hat[p]||^2 = sum_matrices ||X[u] - X_hat[p]||^2, checked by loops."""
@@ -337,27 +349,27 @@ def test_bad_search_arguments_are_rejected():
 
 
 # -----------------------------------------------------------------------------
-# the search over a whole GPT (model.py)
+# the search over a whole GPT
 
 @pytest.mark.parametrize("scramble", ["hidden", "residual"])
 def test_model_search_recovers_planted_orders(scramble):
     """A GPT whose MLPs are Kronecker products behind random hidden orders (one per layer) or
     one residual order: the joint search brings every MLP down to the noise."""
     model = planted_gpt((4, 4), 1, hidden=scramble == "hidden", residual=scramble == "residual", seed=4)
-    config = replace(model.config, mlp="kron", kron_b_shape=(4, 4), kron_permute="hidden+residual")
-    terms = permutation_terms(model, config, None)
+    config = dict(mlp="kron", kron_b_shape=(4, 4), kron_permute="hidden+residual")
+    terms = permutation_terms(model, searched(model, config), None)
     assert len(terms) == 4 and min(relative_error(t.W, t.a_shape) for t in terms) > 10 * NOISE
-    new = permuted(model, config)
-    assert max(relative_error(t.W, t.a_shape) for t in permutation_terms(new, config, None)) < 1.5 * NOISE
+    new = permuted_for(model, config)
+    assert max(relative_error(t.W, t.a_shape) for t in permutation_terms(new, searched(new, config), None)) < 1.5 * NOISE
 
 
 def test_hidden_only_model_search_leaves_the_residual_alone():
     model = tiny_gpt(seed=5)
-    config = replace(model.config, mlp="kron", kron_b_shape=(1, 2), kron_permute="hidden")  # hidden order free
-    found = search_permutations(model, config, residual=False)
+    config = dict(mlp="kron", kron_b_shape=(1, 2), kron_permute="hidden")  # hidden order free
+    found = search_permutations(model, searched(model, config), residual=False)
     assert torch.equal(found.residual, torch.arange(D))
     assert all(torch.equal(p, torch.arange(H)) for p in found.hidden)
-    hidden = search_permutations(model, replace(config, kron_b_shape=(2, 2)), residual=False)
+    hidden = search_permutations(model, searched(model, {**config, "kron_b_shape": (2, 2)}), residual=False)
     assert torch.equal(hidden.residual, torch.arange(D))
     assert not any(torch.equal(p, torch.arange(H)) for p in hidden.hidden)
 
@@ -382,7 +394,7 @@ def test_compress_with_permutation_is_never_worse_and_recovers_planted_structure
     for model, planted in [(tiny_gpt(seed=6), False), (planted_gpt(changes["kron_b_shape"], k, **scramble), True)]:
         compressed, report = compress(model, mlp="kron", kron_permute=kron_permute, **changes)
         assert [r.name for r in report] == ["mlp.c_fc", "mlp.c_proj"] * 2
-        assert compressed.config.kron_permute == kron_permute
+        assert spec_of(compressed).permute == kron_permute
         after, before = sum(r.rel_error for r in report), sum(r.rel_error_unpermuted for r in report)
         assert all(r.rel_error_unpermuted is not None and r.retained_norm_unpermuted is not None for r in report)
         assert after <= before + 1e-6
@@ -434,14 +446,14 @@ def test_kron_permute_config_errors():
                 dict(mlp="lowrank", lowrank_rank=4)):
         with pytest.raises(ValueError, match="kron_permute='hidden' reorders the MLPs for a Van Loan init: "
                                              "it needs Kronecker MLPs with kron_init 'vl' or 'vl-norm'"):
-            GPTConfig(**base, **bad, kron_permute="hidden")
+            resolve(GPTConfig(**base), **bad, kron_permute="hidden")
     with pytest.raises(ValueError, match=r"kron_permute='all'; choose None, 'hidden' or 'hidden\+residual'"):
-        GPTConfig(**base, mlp="kron", kron_b_shape=(2, 2), kron_permute="all")
+        resolve(GPTConfig(**base), mlp="kron", kron_b_shape=(2, 2), kron_permute="all")
     with pytest.raises(ValueError, match="kron_permute='hidden\\+residual'.*kron_init 'vl' or 'vl-norm'"):
         compress(tiny_gpt(), mlp="kron", kron_b_shape=(2, 1), kron_init="prune", kron_permute="hidden+residual")
     for good in ("vl", "vl-norm"):
-        assert GPTConfig(**base, mlp="kron", kron_b_shape=(2, 2), kron_init=good,
-                         kron_permute="hidden").kron_permute == "hidden"
+        assert resolve(GPTConfig(**base), mlp="kron", kron_b_shape=(2, 2), kron_init=good,
+                       kron_permute="hidden").permute == "hidden"
 
 
 # -----------------------------------------------------------------------------
@@ -455,5 +467,5 @@ def test_train_prints_the_report_with_and_without_permutation(data_dir, hf_dir, 
     rows = [line.split("|")[1:-1] for line in out.splitlines() if line.startswith("| ") and "mlp.c_" in line]
     assert len(rows) == 4 and all(len(r) == 6 for r in rows)
     assert sum(float(r[2]) for r in rows) <= sum(float(r[4]) for r in rows)
-    assert res["iter_num"] == 2 and res["model"].config.kron_permute == "hidden"
-    assert load_checkpoint(str(tmp_path / "out" / "ckpt_last.pt"))["model_config"]["kron_permute"] == "hidden"
+    assert res["iter_num"] == 2 and spec_of(res["model"]).permute == "hidden"
+    assert load_checkpoint(str(tmp_path / "out" / "ckpt_last.pt"))["compression"]["kron_permute"] == "hidden"

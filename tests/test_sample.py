@@ -9,6 +9,7 @@ import torch
 import sample
 from conftest import ROOT
 from export_hf import export
+from checkpoints import load_model
 from kronecker import KronLinear, frozen_kron_weights
 from model import GPT
 
@@ -28,7 +29,7 @@ def hf_greedy(hf, idx, n):
 def test_greedy_kv_cache_equals_no_cache_and_transformers(tiny_hf_dir, tiny_hf, kron_model, tmp_path):
     transformers = pytest.importorskip("transformers")
     kron_hf = transformers.GPT2LMHeadModel.from_pretrained(export(kron_model, str(tmp_path / "kron"))).eval()
-    dense = GPT.load(tiny_hf_dir).eval()
+    dense = load_model(tiny_hf_dir).eval()
     torch.manual_seed(0)
     idx = torch.randint(0, 50257, (2, 5))
     n = 24
@@ -41,7 +42,7 @@ def test_greedy_kv_cache_equals_no_cache_and_transformers(tiny_hf_dir, tiny_hf, 
 
 
 def test_generation_past_block_size_slides_the_context(tiny_hf_dir):
-    model = GPT.load(tiny_hf_dir).eval()
+    model = load_model(tiny_hf_dir).eval()
     block = model.config.block_size
     torch.manual_seed(1)
     idx = torch.randint(0, 50257, (1, 10))
@@ -95,7 +96,7 @@ def test_generation_builds_a_materialised_weight_once(tiny_hf_dir, monkeypatch):
 
 
 def test_sampling_is_seeded_and_top_k_1_is_greedy(tiny_hf_dir, tiktoken_gpt2):
-    model = GPT.load(tiny_hf_dir).eval()
+    model = load_model(tiny_hf_dir).eval()
     gen = lambda seed, **kw: sample.sample(model, tiktoken_gpt2, "Hello", 2, 20, generator=torch.Generator().manual_seed(seed), **kw)[0]
     assert gen(5, temperature=1.0) == gen(5, temperature=1.0)
     assert gen(5, temperature=1.0) != gen(6, temperature=1.0)

@@ -4,7 +4,10 @@ import torch
 import torch.nn as nn
 
 from kronecker import KronLinear, SparseResidual, sparse_count
-from model import GPT, GPTConfig, compress
+from checkpoints import from_checkpoint, save_checkpoint
+from compress import compress, resolve, spec_of
+from conftest import gpt
+from model import GPT, GPTConfig
 
 
 def kron_with_outliers(seed=0, n_outliers=6):
@@ -57,7 +60,7 @@ def test_random_init_keeps_the_residual_of_its_random_factors():
     """compress with kron_init="random" and kron_sparse: the sparse term holds the largest entries
     of W minus the random product, as for every other init (and KronLinear.from_linear)."""
     torch.manual_seed(0)
-    dense = GPT(GPTConfig(n_layer=1, n_head=2, n_embd=32, block_size=16, vocab_size=64))
+    dense = gpt(n_layer=1, n_head=2, n_embd=32, block_size=16, vocab_size=64)
     model, _ = compress(dense, mlp="kron", kron_shape=(32, 8), kron_init="random", kron_sparse=0.05)
     for name in ("c_fc", "c_proj"):
         W = getattr(dense.transformer.h[0].mlp, name).weight.detach()
@@ -93,7 +96,7 @@ def test_forward_and_gradients_match_the_dense_reference(a_shape):
 
 def test_num_params_counts_values_and_index_memory_is_separate():
     kw = dict(n_layer=2, n_embd=32, n_head=2, block_size=16, vocab_size=64, mlp="kron", kron_shape=(16, 8))
-    plain, sparse = GPT(GPTConfig(**kw)), GPT(GPTConfig(**kw, kron_sparse=0.05))
+    plain, sparse = gpt(**kw), gpt(**kw, kron_sparse=0.05)
     nnz = sparse_count((128, 32), 0.05)
     assert nnz == round(0.05 * 128 * 32)
     assert sparse.num_params() - plain.num_params() == 2 * 2 * nnz      # c_fc + c_proj in 2 layers
@@ -113,9 +116,9 @@ def test_sparse_checkpoint_round_trip(tmp_path, tiny_hf_dir):
         err_plain = (plain(idx)[0] - dense(idx)[0]).abs().mean()
     assert err_sparse < err_plain                # the residual brings the output closer to GPT-2's
     path = str(tmp_path / "sparse.pt")
-    model.save_checkpoint(path)
-    back = GPT.from_checkpoint(path).eval()
-    assert back.config.kron_sparse == 0.05
+    save_checkpoint(model, path)
+    back = from_checkpoint(path).eval()
+    assert spec_of(back).keys["kron_sparse"] == 0.05
     blk, blk2 = model.transformer.h[1].mlp.c_proj, back.transformer.h[1].mlp.c_proj
     assert torch.equal(blk.sparse.index, blk2.sparse.index) and torch.equal(blk.sparse.values, blk2.sparse.values)
     with torch.no_grad():
@@ -124,4 +127,4 @@ def test_sparse_checkpoint_round_trip(tmp_path, tiny_hf_dir):
 
 def test_bad_fraction_is_a_clear_error():
     with pytest.raises(ValueError, match="kron_sparse"):
-        GPTConfig(mlp="kron", kron_shape=(1536, 384), kron_sparse=1.5)
+        resolve(GPTConfig(), mlp="kron", kron_shape=(1536, 384), kron_sparse=1.5)

@@ -155,12 +155,13 @@ def test_teacher_dict_without_a_name_and_a_run_named_like_the_teacher(tmp_path, 
 def test_changed_keys_are_found_in_a_run_killed_before_its_first_ckpt_last(tmp_path, data_dir):
     """A kill between a run's first ckpt_best.pt and its copy ckpt_last.pt: train.py would resume
     from ckpt_best.pt, so the study checks that one's keys up front."""
-    from model import GPT, GPTConfig
+    from checkpoints import save_checkpoint
+    from conftest import gpt
     spec, common = study.load_study(study_file(tmp_path, data_dir), [])
     _, plans = study.plan_runs(spec, common, "study.py")
     os.makedirs(plans[0]["dir"])
-    GPT(GPTConfig(n_layer=1, n_head=2, n_embd=32, vocab_size=64, block_size=16)).save_checkpoint(
-        os.path.join(plans[0]["dir"], "ckpt_best.pt"), config={**plans[0]["cfg"].flat(), "seed": 7})
+    save_checkpoint(gpt(n_layer=1, n_head=2, n_embd=32, vocab_size=64, block_size=16),
+                    os.path.join(plans[0]["dir"], "ckpt_best.pt"), config={**plans[0]["cfg"].flat(), "seed": 7})
     changed = study.changed_runs(plans)
     assert len(changed) == 1 and changed[0].startswith("'vl-norm B2x2'") and "seed" in changed[0]
 

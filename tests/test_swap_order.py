@@ -4,8 +4,9 @@ exactly what the standard order computes, without the strided copies of the hidd
 import pytest
 import torch
 
-from kronecker import KRON_PATHS, KronLinear, kron_path, swap_hidden_order, swap_order, thin_matmul
-from model import GPT, MLP, GPTConfig
+from conftest import gpt
+from kron_kernels import KRON_PATHS, kron_path, swap_order, thin_matmul
+from kronecker import KronLinear, swap_hidden_order
 from test_kron_paths import SMALL, activation_copies, compiler_available, make_layer, reference
 
 
@@ -88,15 +89,19 @@ def test_mlp_swaps_the_hidden_order_only_where_it_saves_copies(b_shape, k, swapp
         assert swap_hidden_order(sparse_fc, proj) is False and not proj.swap_in
 
 
-def tiny_kron_config(**kw) -> GPTConfig:
+def tiny_kron_gpt(**kw):
     # n_embd 24: c_fc (96, 24) with A (32, 8), B (3, 3): b_first, and c_proj a_first
-    return GPTConfig(n_layer=2, n_head=2, n_embd=24, block_size=16, vocab_size=64, bias=True, dropout=0.0,
-                     mlp="kron", kron_shape=(32, 8), **kw)
+    return gpt(n_layer=2, n_head=2, n_embd=24, block_size=16, vocab_size=64, bias=True, dropout=0.0,
+               mlp="kron", kron_shape=(32, 8), **kw)
+
+
+def tiny_kron_mlp():
+    return tiny_kron_gpt().transformer.h[0].mlp
 
 
 def test_gpt_with_swapped_hidden_order_computes_the_same_function():
     torch.manual_seed(0)
-    model = GPT(tiny_kron_config())
+    model = tiny_kron_gpt()
     mlps = [b.mlp for b in model.transformer.h]
     assert all(m.c_fc.swap_out and m.c_proj.swap_in for m in mlps)
     with torch.no_grad():
@@ -124,7 +129,7 @@ def test_swapped_mlp_makes_no_copy_of_the_hidden_activation():
     """Why the swap exists: in the standard order c_fc's b_first output and c_proj's a_first
     input go through a strided copy each, forward and backward; in the swapped order none does."""
     torch.manual_seed(0)
-    mlp = MLP(tiny_kron_config())
+    mlp = tiny_kron_mlp()
     x = torch.randn(64, 24, requires_grad=True)
     grad = torch.randn(64, 24)
     hidden = 64 * 96
@@ -141,7 +146,7 @@ def test_swapped_mlp_makes_no_copy_of_the_hidden_activation():
 def test_swapped_mlp_compiles_without_graph_breaks():
     torch._dynamo.reset()
     torch.manual_seed(0)
-    mlp = MLP(tiny_kron_config())
+    mlp = tiny_kron_mlp()
     x = torch.randn(2, 7, 24)
     compiled = torch.compile(mlp, fullgraph=True)
     torch.testing.assert_close(compiled(x), mlp(x), rtol=1e-4, atol=1e-5)
@@ -166,7 +171,7 @@ def test_decoding_one_token_copies_no_factor():
     """At one row, folding the bias into c_fc's GEMM would copy A^T (larger than the output):
     the fold applies only where the output has more rows than A^T (decoding would get slower)."""
     torch.manual_seed(0)
-    mlp = MLP(tiny_kron_config())
+    mlp = tiny_kron_mlp()
     x = torch.randn(1, 24)
     assert mlp.c_fc.swap_out and mlp.c_proj.swap_in
     with torch.no_grad():
@@ -177,7 +182,7 @@ def test_decoding_one_token_copies_no_factor():
 @pytest.mark.parametrize("rows", [64, 1], ids=["batch", "one-token"])
 def test_swapped_mlp_under_bf16_autocast(rows):
     torch.manual_seed(0)
-    mlp = MLP(tiny_kron_config())
+    mlp = tiny_kron_mlp()
     with torch.no_grad():
         for p in mlp.parameters():
             p.normal_(std=0.3)

@@ -1,12 +1,14 @@
-"""Choosing which linear layers to compress, and how (GPTConfig.compress_targets)."""
+"""Choosing which linear layers to compress, and how (the compress_targets key)."""
 import pytest
 import torch
 import torch.nn as nn
 
-from conftest import make_tiny_hf
+from checkpoints import from_checkpoint, save_checkpoint
+from compress import build, compress, resolve, spec_of
+from conftest import gpt, make_tiny_hf
 from kronecker import KronLinear
 from lowrank import LowRankLinear, SharedBasisLinear
-from model import GPT, GPTConfig, LINEAR_NAMES, compress
+from model import GPT, GPTConfig, LINEAR_NAMES
 from sizes import main as sizes_main, size_report
 
 
@@ -71,9 +73,9 @@ def test_mixed_targets_first_match_wins_and_round_trip(dense12, tmp_path):
     assert isinstance(h[1].mlp.c_fc, KronLinear) and isinstance(h[11].mlp.c_proj, nn.Linear)
     assert torch.equal(h[11].mlp.c_proj.weight, dense12.transformer.h[11].mlp.c_proj.weight)
     path = str(tmp_path / "mixed.pt")
-    model.save_checkpoint(path)
-    back = GPT.from_checkpoint(path).eval()
-    assert back.config.compress_targets == model.config.compress_targets
+    save_checkpoint(model, path)
+    back = from_checkpoint(path).eval()
+    assert spec_of(back).keys["compress_targets"] == spec_of(model).keys["compress_targets"]
     idx = torch.randint(0, 256, (2, 10))
     with torch.no_grad():
         assert torch.equal(model.eval()(idx)[0], back(idx)[0])
@@ -81,10 +83,11 @@ def test_mixed_targets_first_match_wins_and_round_trip(dense12, tmp_path):
 
 def test_targets_from_json_string_and_paper_default():
     js = '[{"pattern": "mlp.c_fc", "layers": "odd", "method": "kron", "kron_shape": [16, 8]}]'
-    c = GPTConfig(n_layer=4, n_embd=32, n_head=2, vocab_size=64, block_size=16, compress_targets=js)
-    assert c.compress_targets[0]["kron_shape"] == (16, 8) and c.compress_targets[0]["kron_factors"] == 1
-    assert GPTConfig.from_dict(c.to_dict()) == c
-    paper = GPT(GPTConfig(n_layer=2, n_embd=32, n_head=2, vocab_size=64, block_size=16, mlp="kron", kron_shape=(16, 8)))
+    config = GPTConfig(n_layer=4, n_embd=32, n_head=2, vocab_size=64, block_size=16)
+    c = resolve(config, compress_targets=js)
+    assert c.targets[0].options.kron_shape == (16, 8) and c.targets[0].options.kron_factors == 1
+    assert resolve(config, **c.keys).keys == c.keys and resolve(config, **c.keys).targets == c.targets
+    paper = gpt(n_layer=2, n_embd=32, n_head=2, vocab_size=64, block_size=16, mlp="kron", kron_shape=(16, 8))
     assert compressed_names(paper) == [(i, n) for i in range(2) for n in ("mlp.c_fc", "mlp.c_proj")]
 
 
@@ -99,28 +102,28 @@ def test_targets_from_json_string_and_paper_default():
 ])
 def test_bad_targets_are_clear_errors(target, match):
     with pytest.raises(ValueError, match=match):
-        GPTConfig(n_layer=4, n_embd=32, n_head=2, compress_targets=[target])
+        resolve(GPTConfig(n_layer=4, n_embd=32, n_head=2), compress_targets=[target])
 
 
 def test_size_report_counts(capsys):
     targets = [{"pattern": "mlp.*", "layers": "odd", "method": "kron", "kron_shape": [1536, 384]}]
-    config = GPTConfig(compress_targets=targets)                # GPT-2 small, built on the meta device
-    text = size_report(config)
+    config = GPTConfig()                                        # GPT-2 small, built on the meta device
+    text = size_report(config, resolve(config, compress_targets=targets))
     # 6 odd layers x 2 MLP matrices go from 2,359,296 + 3,072 or 768 to 589,828 + the same biases
     expected = 124_439_808 - 12 * (2_359_296 - 589_828)
     assert f"{expected:,}" in text and f"{expected - 1024 * 768:,}" in text
     assert f"{expected + 50257 * 768:,}" in text                # as an untied model
     assert "KronLinear: 12 layers" in text
-    sizes_main(["count", "--targets", '[{"pattern": "attn.c_proj", "method": "lowrank", "lowrank_rank": 64}]'])
+    sizes_main(["count", "--compress_targets", '[{"pattern": "attn.c_proj", "method": "lowrank", "lowrank_rank": 64}]'])
     assert f"{124_439_808 - 12 * (768 * 768 - 64 * 2 * 768):,}" in capsys.readouterr().out
 
 
 def test_kron_b_shape_means_the_same_at_any_width():
     with torch.device("meta"):
-        by_a = GPT(GPTConfig(mlp="kron", kron_shape=(1536, 384)))
-        by_b = GPT(GPTConfig(mlp="kron", kron_b_shape=(2, 2)))
-        narrow = GPT(GPTConfig(n_layer=2, n_head=4, n_embd=256, mlp="kron", kron_b_shape=(2, 2)))
-        tall = GPT(GPTConfig(n_layer=2, n_head=4, n_embd=256, mlp="kron", kron_b_shape=(2, 1)))
+        by_a = gpt(mlp="kron", kron_shape=(1536, 384))
+        by_b = gpt(mlp="kron", kron_b_shape=(2, 2))
+        narrow = gpt(n_layer=2, n_head=4, n_embd=256, mlp="kron", kron_b_shape=(2, 2))
+        tall = gpt(n_layer=2, n_head=4, n_embd=256, mlp="kron", kron_b_shape=(2, 1))
     assert by_b.num_params() == by_a.num_params() == 81_972_576
     fc, proj = by_b.transformer.h[0].mlp.c_fc, by_b.transformer.h[0].mlp.c_proj
     assert (fc.a_shape, fc.b_shape, proj.a_shape, proj.b_shape) == ((1536, 384), (2, 2), (384, 1536), (2, 2))
@@ -129,10 +132,11 @@ def test_kron_b_shape_means_the_same_at_any_width():
     fc, proj = tall.transformer.h[0].mlp.c_fc, tall.transformer.h[0].mlp.c_proj
     assert (fc.a_shape, fc.b_shape, proj.a_shape, proj.b_shape) == ((512, 256), (2, 1), (256, 512), (1, 2))
     # in a compress target too, and a target's own shape key is not mixed with the config's other one
-    c = GPTConfig(n_layer=2, n_embd=32, n_head=2, mlp="kron", kron_shape=(64, 16),
-                  compress_targets=[{"pattern": "attn.c_proj", "method": "kron", "kron_b_shape": [4, 4]}])
-    assert c.compress_targets[0]["kron_b_shape"] == (4, 4) and c.compress_targets[0]["kron_shape"] is None
-    assert GPT(c).transformer.h[0].attn.c_proj.a_shape == (8, 8)
+    config = GPTConfig(n_layer=2, n_embd=32, n_head=2)
+    c = resolve(config, mlp="kron", kron_shape=(64, 16),
+                compress_targets=[{"pattern": "attn.c_proj", "method": "kron", "kron_b_shape": [4, 4]}])
+    assert c.targets[0].options.kron_b_shape == (4, 4) and c.targets[0].options.kron_shape is None
+    assert build(config, c).transformer.h[0].attn.c_proj.a_shape == (8, 8)
 
 
 @pytest.mark.parametrize("kw,match", [
@@ -145,7 +149,7 @@ def test_kron_b_shape_means_the_same_at_any_width():
 ])
 def test_bad_kron_shapes_are_clear_errors(kw, match):
     with pytest.raises(ValueError, match=match):
-        GPTConfig(n_layer=2, n_embd=32, n_head=2, mlp="kron", **kw)
+        resolve(GPTConfig(n_layer=2, n_embd=32, n_head=2), mlp="kron", **kw)
 
 
 def test_prune_follows_the_b_shape(dense12):

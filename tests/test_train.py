@@ -13,7 +13,8 @@ from data import TokenData
 import config
 import train
 from conftest import ROOT, VOCAB, argv, kron_run, run, scratch, sha   # and the fixtures data_dir, hf_dir
-from model import GPT, GPTConfig, load_checkpoint
+from checkpoints import from_checkpoint, load_checkpoint
+from conftest import gpt, spec_keys
 
 
 @pytest.mark.slow
@@ -27,8 +28,8 @@ def test_end_to_end_vl_norm(data_dir, hf_dir, tmp_path):
     for name in ("ckpt_best.pt", "ckpt_last.pt"):
         ckpt = load_checkpoint(str(out / name))
         assert ckpt["config"]["kron_shape"] == (64, 16) and ckpt["config"]["init_from"] == hf_dir
-        assert ckpt["model_config"]["mlp"] == "kron"
-    model = GPT.from_checkpoint(str(out / "ckpt_last.pt"))
+        assert ckpt["compression"]["mlp"] == "kron" and "mlp" not in ckpt["model_config"]
+    model = from_checkpoint(str(out / "ckpt_last.pt"))
     assert torch.equal(model.transformer.h[0].mlp.c_fc.A, res["model"].transformer.h[0].mlp.c_fc.A)
     assert load_checkpoint(str(out / "ckpt_best.pt"))["best_val_loss"] == min(e["val"] for e in res["evals"])
 
@@ -53,7 +54,7 @@ def test_finetune_from_checkpoint_is_weights_only(data_dir, hf_dir, tmp_path):
     fine = run(data_dir, tmp_path / "fine", init_from=str(tmp_path / "pre" / "ckpt_best.pt"), max_iters=3,
                eval_interval=3, learning_rate=1e-9)
     assert fine["iters"] == [1, 2, 3]                        # iteration 0, fresh optimizer
-    assert fine["model"].config.kron_shape == (64, 16)      # the architecture comes from the checkpoint
+    assert spec_keys(fine["model"])["kron_shape"] == [64, 16]      # the architecture comes from the checkpoint
     # a learning rate of 1e-9 leaves the pre-trained weights (nearly) unchanged
     for a, b in zip(fine["model"].parameters(), pre["model"].parameters()):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-7)
@@ -63,7 +64,8 @@ def test_config_from_a_compressed_checkpoint_is_checked_as_that_model(data_dir, 
     kron_run(data_dir, hf_dir, tmp_path / "pre", max_iters=2, eval_interval=2)
     ckpt = str(tmp_path / "pre" / "ckpt_best.pt")
     cfg = config.resolve_config(None, argv(init_from=ckpt, learning_rate=1e-4))
-    assert cfg.model_config().mlp == "kron" and cfg.model_config().kron_shape == (64, 16)
+    keys = cfg.model_spec()[1].keys
+    assert keys["mlp"] == "kron" and keys["kron_shape"] == [64, 16]
     # the checkpoint has kron_shape already: kron_b_shape too is refused up front, before out_dir
     with pytest.raises(config.ConfigError, match="kron_b_shape"):
         config.resolve_config(None, argv(init_from=ckpt, kron_b_shape=(2, 2)))
@@ -78,7 +80,7 @@ def test_gradient_accumulation_matches_one_big_batch(data_dir, tmp_path):
     four = run(data_dir, tmp_path / "four", batch_size=2, gradient_accumulation_steps=4, **kw)
     assert one["losses"][0] == pytest.approx(four["losses"][0], rel=1e-5)
     torch.manual_seed(1337)                                   # train.py's seed: the same initial weights
-    init = GPT(GPTConfig(n_layer=1, n_head=2, n_embd=32, vocab_size=VOCAB, block_size=32))
+    init = gpt(n_layer=1, n_head=2, n_embd=32, vocab_size=VOCAB, block_size=32)
     moved = 0.0
     for (name, a), b in zip(one["model"].named_parameters(), four["model"].parameters()):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6, msg=name)
@@ -120,7 +122,7 @@ def test_paper_configs_resolve_to_their_sizes(name):
     cfg = train.resolve_config(os.path.join(ROOT, "configs", name), []).flat()
     mc = {k: cfg[k] for k in train.MODEL_KEYS}
     with torch.device("meta"):
-        model = GPT(GPTConfig(**mc, block_size=cfg["block_size"]))
+        model = gpt(**mc, block_size=cfg["block_size"])
     assert model.num_params() == EXPECTED_SIZES[name]
     # the pre-training recipe of section 4.1: 120 sequences of 1024 tokens, cosine 6e-5 -> 6e-6
     assert cfg["batch_size"] * cfg["gradient_accumulation_steps"] == 120 and cfg["block_size"] == 1024
@@ -199,7 +201,7 @@ def test_checkpoint_of_another_shape_and_nan_keep_checkpoints(data_dir, hf_dir, 
         kron_run(data_dir, hf_dir, out, max_iters=12, eval_interval=1, init_from="resume", learning_rate=1e30)
     assert {n: sha(out / n) for n in files} == files
     for n in files:
-        assert GPT.from_checkpoint(str(out / n)).config.kron_shape == (64, 16)
+        assert spec_keys(from_checkpoint(str(out / n)))["kron_shape"] == [64, 16]
     with pytest.raises(train.TrainError, match="no .*ckpt_last.pt"):
         run(data_dir, tmp_path / "empty", init_from="resume")
 
@@ -216,11 +218,11 @@ def test_wandb_offline_logging(data_dir, tmp_path, monkeypatch):
 
 def test_flops_per_token_counts_factored_macs():
     with torch.device("meta"):
-        dense = GPT(GPTConfig())
-        krony = GPT(GPTConfig(mlp="kron", kron_shape=(1536, 384)))
+        dense = gpt()
+        krony = gpt(mlp="kron", kron_shape=(1536, 384))
     fd, fk = train.flops_per_token(dense, 1024), train.flops_per_token(krony, 1024)
     # dense MLP: 2 * 3072 * 768 multiply-adds per layer; Kronecker (1536,384)x(2,2): factored_macs of c_fc + c_proj
-    from kronecker import factored_macs
+    from kron_kernels import factored_macs
     kron_mlp = factored_macs((1536, 384), (2, 2))[0] + factored_macs((384, 1536), (2, 2))[0]
     assert fd - fk == pytest.approx(6 * 12 * (2 * 3072 * 768 - kron_mlp))
     assert fk < fd
