@@ -247,3 +247,20 @@ def test_targets_of_any_layout(tiny_hf_dir):
     assert loss.item() == ref.item()
     _, loss_t = model(inputs, targets.t().contiguous().t())      # a transposed layout too
     assert loss_t.item() == ref.item()
+
+
+def test_checkpoint_of_the_older_layout_still_loads(tmp_path, tiny_hf_dir):
+    """Checkpoints written before compression had its own entry kept every key in model_config."""
+    model = GPT.from_pretrained(tiny_hf_dir, mlp="kron", kron_b_shape=(2, 2), kron_factors=2, kron_scalars=True).eval()
+    path = str(tmp_path / "new.pt")
+    save_checkpoint(model, path)
+    ckpt = torch.load(path, weights_only=True)
+    assert set(ckpt["compression"]) >= {"mlp", "kron_b_shape", "compress_targets"}
+    assert "mlp" not in ckpt["model_config"]
+    old = {**ckpt, "model_config": {**ckpt["model_config"], **ckpt.pop("compression")}}
+    torch.save(old, str(tmp_path / "old.pt"))
+    loaded = from_checkpoint(str(tmp_path / "old.pt")).eval()
+    assert loaded.config == model.config and spec_of(loaded).keys == spec_of(model).keys
+    idx = torch.randint(0, 50257, (2, 12))
+    with torch.no_grad():
+        assert torch.equal(loaded(idx)[0], model(idx)[0])

@@ -258,3 +258,14 @@ def test_missing_local_source_is_downloaded_from_its_url(tmp_path, tiktoken_gpt2
     meta = TokenData(str(data)).meta
     assert meta["documents"] == len([p for p in text.split("\n\n") if p.strip()])  # 41 paragraphs
     assert meta["source"].endswith("copy.txt")
+
+
+def test_a_bad_shape_for_a_hub_model_fails_first(tmp_path):
+    """GPT-2's dimensions are known without downloading it: an impossible kron_shape is refused when
+    the config is read, before out_dir is locked, data prepared or anything downloaded."""
+    out, data = tmp_path / "out", tmp_path / "data"
+    with pytest.raises(config.ConfigError, match=r"A shape \(5, 5\) does not tile .*\(out=3072, in=768\)"):
+        train.main(argv(init_from="gpt2", mlp="kron", kron_shape=(5, 5), out_dir=str(out), data_dir=str(data)))
+    assert not out.exists() and not data.exists()
+    with pytest.raises(config.ConfigError, match=r"\(out=4096, in=1024\)"):       # gpt2-medium's width
+        config.resolve_config(None, argv(init_from="gpt2-medium", mlp="kron", kron_shape=(1536, 384)))
