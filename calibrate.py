@@ -56,7 +56,8 @@ def calibration_windows(tokens: np.ndarray, calib_tokens: int, block_size: int, 
     rectangular; the causal model needs no padding for it). They do not overlap and are spread
     evenly over the whole array, the gaps between them all equal up to one token, so a small
     calibration set still samples the whole file. No randomness: the same call gives the same
-    windows. The last full batch may hold fewer than batch_size windows."""
+    windows. The last full batch may hold fewer than batch_size windows. The arguments are
+    checked here, before the first batch is asked for."""
     if not isinstance(calib_tokens, (int, np.integer)) or calib_tokens <= 0:
         raise ValueError(f"calib_tokens={calib_tokens!r}: calibration needs a positive number of tokens")
     if calib_tokens > len(tokens):
@@ -74,12 +75,15 @@ def calibration_windows(tokens: np.ndarray, calib_tokens: int, block_size: int, 
         starts.append(covered + (i * gap) // max(n - 1, 1))
         covered += length
     # batches of equal-length windows: the full ones, batch_size at a time, then the short one
-    full = [s for s, length in zip(starts, lengths) if length == block_size]
-    batches = [full[i:i + batch_size] for i in range(0, len(full), batch_size)]
-    if lengths[-1] != block_size:
-        batches.append([starts[-1]])
-    for batch in tqdm(batches, desc="calibration", unit="batch", disable=not progress):
-        length = block_size if batch[0] in full else lengths[-1]
+    full = starts[:calib_tokens // block_size]
+    batches = [(full[i:i + batch_size], block_size) for i in range(0, len(full), batch_size)]
+    if calib_tokens % block_size:
+        batches.append((starts[-1:], lengths[-1]))
+    return _read_windows(tokens, batches, progress)
+
+
+def _read_windows(tokens: np.ndarray, batches: list[tuple[list[int], int]], progress: bool) -> Iterator[torch.Tensor]:
+    for batch, length in tqdm(batches, desc="calibration", unit="batch", disable=not progress):
         rows = np.stack([np.asarray(tokens[s:s + length]) for s in batch]).astype(np.int64)
         yield torch.from_numpy(rows)
 
