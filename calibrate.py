@@ -236,18 +236,31 @@ def _spd_solve(H: torch.Tensor, R: torch.Tensor) -> torch.Tensor:
     return R @ torch.linalg.pinv(H, hermitian=True)
 
 
-def _normal_A(G: torch.Tensor, C4: torch.Tensor, B: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def _moment_layouts(C: torch.Tensor, n1: int, n2: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """C4 in the two layouts the steps contract it in, each copied once: (n2*n2, n1*n1) indexed
+    [(b, q), (j, k)] for A's H, and (n1*n1, n2*n2) indexed [(j, k), (b, q)] for B's. Every step
+    is then one matrix product instead of a strided copy of the whole moment."""
+    C4 = C.view(n1, n2, n1, n2)
+    return (C4.permute(1, 3, 0, 2).reshape(n2 * n2, n1 * n1).contiguous(),
+            C4.permute(0, 2, 1, 3).reshape(n1 * n1, n2 * n2).contiguous())
+
+
+def _normal_A(G: torch.Tensor, C_for_A: torch.Tensor, B: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """The normal equations for A given B (k, m2, n2): R (k, m1, n1) and H (k, n1, k, n1)."""
+    k, n1 = B.shape[0], G.shape[2]
     R = torch.einsum("iajb,sab->sij", G, B)
     BB = torch.einsum("sab,taq->stbq", B, B)                       # B_s^T B_t
-    return R, torch.einsum("stbq,jbkq->sjtk", BB, C4)
+    H = (BB.reshape(k * k, -1) @ C_for_A).view(k, k, n1, n1)        # H[s, t, j, k]
+    return R, H.permute(0, 2, 1, 3)
 
 
-def _normal_B(G: torch.Tensor, C4: torch.Tensor, A: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def _normal_B(G: torch.Tensor, C_for_B: torch.Tensor, A: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """The normal equations for B given A (k, m1, n1): R (k, m2, n2) and H (k, n2, k, n2)."""
+    k, n2 = A.shape[0], G.shape[3]
     R = torch.einsum("iajb,sij->sab", G, A)
     AA = torch.einsum("sij,tik->stjk", A, A)                       # A_s^T A_t
-    return R, torch.einsum("stjk,jbkq->sbtq", AA, C4)
+    H = (AA.reshape(k * k, -1) @ C_for_B).view(k, k, n2, n2)        # H[s, t, b, q]
+    return R, H.permute(0, 2, 1, 3)
 
 
 def _solve(R: torch.Tensor, H: torch.Tensor) -> torch.Tensor:
@@ -294,7 +307,7 @@ def kron_fit(W: torch.Tensor, C: torch.Tensor, a_shape: tuple[int, int], k: int 
     mu = damping * C.double().diagonal().mean()                        # the damping's weight-error weight
     Cd = damped(C, damping)
     Gd = (W64 @ Cd).view(m1, m2, n1, n2)
-    C4 = Cd.view(n1, n2, n1, n2)
+    C_for_A, C_for_B = _moment_layouts(Cd, n1, n2)
     W4 = W64.view(m1, m2, n1, n2)
     trW_Cd = (Gd * W4).sum()
     trW_C = trW_Cd - mu * W64.square().sum()
@@ -319,12 +332,12 @@ def kron_fit(W: torch.Tensor, C: torch.Tensor, a_shape: tuple[int, int], k: int 
         true = (obj - mu * weight_err).clamp_min(0)
         return obj.item(), (true / trW_C.clamp_min(1e-300)).sqrt().item()
 
-    objective, best_err = errors(A, B, *_normal_B(Gd, C4, A))
+    objective, best_err = errors(A, B, *_normal_B(Gd, C_for_B, A))
     best = (A, B)
     history = [best_err]
     for _ in range(iters):
-        A = _solve(*_normal_A(Gd, C4, B))
-        R, H = _normal_B(Gd, C4, A)
+        A = _solve(*_normal_A(Gd, C_for_A, B))
+        R, H = _normal_B(Gd, C_for_B, A)
         B = _solve(R, H)
         new_objective, err = errors(A, B, R, H)
         A, B = _balance(A, B)

@@ -147,6 +147,19 @@ def test_history_never_rises_and_is_the_returned_error(k, damping):
     assert history[0] == pytest.approx(output_error(W, vl, C), rel=1e-8)
 
 
+def test_never_worse_than_the_start():
+    """Heavy damping pulls the fit towards Van Loan: from the undamped optimum every step raises
+    the true output error, so kron_fit keeps its start."""
+    W, C = torch.randn(24, 16, generator=gen(4), dtype=torch.float64), spd(16, seed=5, low=1e-4)
+    A0, B0, _ = kron_fit(W, C, (6, 4), 1, iters=300, damping=0.0, tol=1e-14)
+    A, B, history = kron_fit(W, C, (6, 4), 1, iters=5, damping=10.0, init=(A0, B0), tol=0.0)
+    assert len(history) == 6 and len(set(history)) == 1
+    assert torch.allclose(kron_sum(A, B), kron_sum(A0, B0), atol=1e-12)
+    # the damped steps did move: the same fit without a good start ends elsewhere, and worse
+    _, _, damped_history = kron_fit(W, C, (6, 4), 1, iters=5, damping=10.0, tol=0.0)
+    assert damped_history[-1] > history[-1] + 1e-3
+
+
 def test_damped_objective_never_rises():
     """Each exact step minimises tr(E C_d E^T): after every iteration it is no larger."""
     W, C = torch.randn(24, 16, generator=gen(8), dtype=torch.float64), spd(16, seed=9, low=1e-4)
