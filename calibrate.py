@@ -196,7 +196,7 @@ def output_error(W: torch.Tensor, W_hat: torch.Tensor, C: torch.Tensor) -> float
     """The relative output error sqrt(tr(E C E^T) / tr(W C W^T)), E = W - W_hat: the relative
     error ||(W - W_hat) X^T|| / ||W X^T|| of the layer's outputs over the calibration inputs
     (C = X^T X / N). W, W_hat (out, in), C (in, in)."""
-    W, W_hat, C = W.double(), W_hat.double(), C.double()
+    W, W_hat, C = W.double(), W_hat.to(W), C.to(W)
     E = W - W_hat
     num = ((E @ C) * E).sum()
     den = ((W @ C) * W).sum()
@@ -303,8 +303,8 @@ def kron_fit(W: torch.Tensor, C: torch.Tensor, a_shape: tuple[int, int], k: int 
     _check_moment(C, W.shape[1])
     if iters < 0:
         raise ValueError(f"iters={iters} must be >= 0")
-    W64 = W.double()
-    mu = damping * C.double().diagonal().mean()                        # the damping's weight-error weight
+    W64, C = W.double(), C.to(device=W.device, dtype=torch.float64)
+    mu = damping * C.diagonal().mean()                        # the damping's weight-error weight
     Cd = damped(C, damping)
     Gd = (W64 @ Cd).view(m1, m2, n1, n2)
     C_for_A, C_for_B = _moment_layouts(Cd, n1, n2)
@@ -391,7 +391,7 @@ def lowrank_fit(W: torch.Tensor, C: torch.Tensor, rank: int,
     if rank < 1:
         raise ValueError(f"rank={rank} must be >= 1")
     _check_moment(C, W.shape[1])
-    S = _whitening(C, damping)
+    S = _whitening(C.to(W.device), damping)
     U, s, Vh = torch.linalg.svd(W.double() @ S, full_matrices=False)
     Uf, Vf = _split(U, s, Vh, rank)
     V = torch.linalg.solve_triangular(S, Vf, upper=False, left=False)      # Vf S^-1
@@ -426,7 +426,8 @@ def shared_basis_fit(weights: list[torch.Tensor], moments: list[torch.Tensor], r
             raise ValueError("the members of a shared basis need the same input size, got "
                              f"{[tuple(W.shape) for W in weights]}")
         _check_moment(C, in_features)
-    S = _whitening(sum(C.double() for C in moments) / len(moments), damping)
+    moments = [C.to(device=weights[0].device, dtype=torch.float64) for C in moments]
+    S = _whitening(sum(moments) / len(moments), damping)
     stacked = torch.cat([W.double() for W in weights], dim=0) @ S             # (sum of out, in)
     U, s, Vh = torch.linalg.svd(stacked, full_matrices=False)
     _, Vf = _split(U, s, Vh, rank)
@@ -450,4 +451,4 @@ def calibrated_residual_scores(E: torch.Tensor, C: torch.Tensor) -> torch.Tensor
     (instead of the largest |E_ij|, which is the choice for the weight error). Returns (out, in)
     float32 scores."""
     _check_moment(C, E.shape[1])
-    return (E.double().abs() * C.double().diagonal().clamp_min(0).sqrt()).float()
+    return (E.double().abs() * C.to(E.device).double().diagonal().clamp_min(0).sqrt()).float()
