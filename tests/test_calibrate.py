@@ -375,3 +375,14 @@ def test_calibration_windows_are_deterministic_and_cover_calib_tokens():
 def test_calib_tokens_out_of_range_is_a_clear_error(calib):
     with pytest.raises(ValueError, match="calib_tokens"):
         calibration_windows(np.arange(1000, dtype=np.uint16), calib, 16, 4, progress=False)
+
+
+def test_a_layer_reading_a_swapped_order_is_refused():
+    from model import GPT, GPTConfig
+    model = GPT(GPTConfig(block_size=16, vocab_size=64, n_layer=1, n_head=2, n_embd=16, mlp="kron",
+                          kron_b_shape=(2, 2)))
+    assert model.transformer.h[0].mlp.c_proj.swap_in            # B 2x2: the MLP passes its hidden swapped
+    with pytest.raises(ValueError, match="swap"):
+        collect_moments(model, ["transformer.h.0.mlp.c_proj"], [torch.zeros(1, 4, dtype=torch.long)])
+    moments = collect_moments(model, ["transformer.h.0.mlp.c_fc"], [torch.zeros(1, 4, dtype=torch.long)])
+    assert moments["transformer.h.0.mlp.c_fc"].count == 4
