@@ -196,8 +196,9 @@ def output_error(W: torch.Tensor, W_hat: torch.Tensor, C: torch.Tensor) -> float
     """The relative output error sqrt(tr(E C E^T) / tr(W C W^T)), E = W - W_hat: the relative
     error ||(W - W_hat) X^T|| / ||W X^T|| of the layer's outputs over the calibration inputs
     (C = X^T X / N). W, W_hat (out, in), C (in, in)."""
-    W, W_hat, C = W.double(), W_hat.to(W), C.to(W)
-    E = W - W_hat
+    W = W.double()
+    E = W - W_hat.to(W)
+    C = C.to(W)
     num = ((E @ C) * E).sum()
     den = ((W @ C) * W).sum()
     return (num.clamp_min(0) / den.clamp_min(1e-300)).sqrt().item()

@@ -48,6 +48,9 @@ def test_output_error_is_the_relative_error_of_the_outputs():
     expected = ((W - W_hat) @ X.t()).norm() / (W @ X.t()).norm()
     assert output_error(W, W_hat, C) == pytest.approx(expected.item(), rel=1e-12)
     assert output_error(W, W, C) == 0.0
+    # in float64 whatever the inputs' dtypes
+    assert output_error(W.float(), W_hat.float(), C) == pytest.approx(
+        output_error(W.float().double(), W_hat.float().double(), C), rel=1e-12)
 
 
 # ----------------------------------------------------------------------------- kron_fit
