@@ -40,7 +40,7 @@ import torch
 import torch.nn as nn
 from tqdm import tqdm
 
-from kronecker import b_shape_for, kron_decompose, kron_sum, shape_pair
+from kronecker import b_shape_for, kron_decompose, shape_pair
 
 
 # -----------------------------------------------------------------------------

@@ -4,7 +4,6 @@ plain SVD, dense least squares and a brute-force optimiser."""
 import numpy as np
 import pytest
 import torch
-import torch.nn as nn
 from scipy.optimize import minimize
 
 import calibrate
