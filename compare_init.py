@@ -8,9 +8,14 @@ rank that fits the Kronecker size.
     python compare_init.py --model gpt2 --data data/openwebtext/val.bin --kron_shape 1536 384
     python compare_init.py --model ./gpt2 --data ../shared/data/tinyshakespeare.txt \\
         --kron_shape 1536 768 --kron_sparse 0.01 --out init.json --plot init.png
+    python compare_init.py --model gpt2 --data data/openwebtext/val.bin --kron_shape 1536 384 \\
+        --calib_tokens 65536
 
 --data is a token file as prepare_owt.py writes (*.bin, uint16 memmap) or a text
-file (tokenised with tiktoken's gpt2 BPE). The loss is the mean cross-entropy
+file (tokenised with tiktoken's gpt2 BPE). With --calib_tokens N, every method that
+can be fitted to the teacher's activations gets a second, calibrated row, fitted on
+N tokens of --calib_data (default: the train.bin beside a val.bin --data), and the
+table adds each row's output error on those inputs. The loss is the mean cross-entropy
 over --batches x --batch_size windows of --block_size tokens spread evenly over
 the data (the same windows for every method). Options are spelled as the config keys
 they mean (kron_shape, kron_factors, kron_sparse, share_group).
@@ -30,7 +35,8 @@ from tqdm import tqdm
 
 from data import gpt2_encoding, read_meta
 from checkpoints import load_model
-from compress import compress
+import calibrate
+from compress import compress, compression_report
 from kronecker import b_shape_for
 from model import GPT, LINEAR_NAMES
 from runtime import ArgumentParser, run_cli
@@ -93,6 +99,11 @@ def methods(args, dense: GPT) -> list[tuple[str, dict | None, str]]:
     if args.kron_sparse > 0:     # the sparse row is bigger than the plain Kronecker ones: give it a matched baseline
         rows.append((f"lowrank r={with_sparse.lowrank_rank} (size of vl + sparse)",
                      dict(mlp="lowrank", lowrank_rank=with_sparse.lowrank_rank), ""))
+    if args.calib_tokens:       # the same setups fitted to the teacher's activations, right below each
+        calibrated = [(f"{name}, calibrated", dict(kwargs, calib_tokens=args.calib_tokens), "")
+                      for name, kwargs, _ in rows if kwargs and kwargs.get("kron_init", "vl") in ("vl", "vl-norm")
+                      and name != "vl"]
+        rows = [r for row in rows for r in [row] + [c for c in calibrated if c[0] == f"{row[0]}, calibrated"]]
     return rows
 
 
@@ -108,17 +119,28 @@ def compare(args) -> list[dict]:
     if int(windows.max()) >= dense.config.vocab_size:
         raise ValueError(f"the data holds token id {int(windows.max())}, beyond the model's vocabulary "
                          f"({dense.config.vocab_size}); was it tokenised with the GPT-2 BPE?")
+    calib_data, moments = None, None
+    if args.calib_tokens:
+        calib_data = load_tokens(args.calib_data)
+        names = [f"transformer.h.{i}.{n}" for i in range(dense.config.n_layer) for n in ("mlp.c_fc", "mlp.c_proj")]
+        batches = calibrate.calibration_windows(calib_data, args.calib_tokens, dense.config.block_size, args.batch_size)
+        moments = {n: m.second_moment() for n, m in calibrate.collect_moments(dense, names, batches).items()}
     records = []
     todo = [("dense (reference)", {}, "")] + methods(args, dense)
     for name, kwargs, why in tqdm(todo, desc="methods", file=sys.stderr):
-        rec = dict(method=name, params=None, params_no_wpe=None, loss=None, ppl=None, rel_error=None, note=why)
+        rec = dict(method=name, params=None, params_no_wpe=None, loss=None, ppl=None, rel_error=None,
+                   output_error=None, note=why)
         if kwargs is not None:
             torch.manual_seed(args.seed)          # the random init is reproducible
-            model, report = (dense, []) if not kwargs else compress(dense, svd=args.svd, **kwargs)
+            model, report = (dense, []) if not kwargs else compress(dense, svd=args.svd, calib_data=calib_data,
+                                                                     progress=False, **kwargs)
             loss = mean_loss(model, windows, args.batch_size, args.device)
             rec.update(params=model.num_params(), params_no_wpe=model.num_params(include_wpe=False),
                        loss=loss, ppl=math.exp(loss),
                        rel_error=sum(r.rel_error for r in report) / len(report) if report else 0.0)
+            if moments is not None:      # every row's output error on the same calibration inputs
+                report = compression_report(dense, model, moments)
+                rec["output_error"] = sum(r.output_error for r in report) / len(report) if report else 0.0
             del model
         records.append(rec)
     return records
@@ -128,6 +150,8 @@ def format_table(records: list[dict]) -> str:
     rows = [{"method": r["method"], "params": r["params"] if r["params"] is not None else "n/a",
              "params without wpe": r["params_no_wpe"] if r["params_no_wpe"] is not None else "n/a",
              "mean rel. error": r["rel_error"] if r["rel_error"] is not None else "n/a",
+             **({"mean output error": r["output_error"] if r["output_error"] is not None else "n/a"}
+                if any(x["output_error"] is not None for x in records) else {}),
              "loss": r["loss"] if r["loss"] is not None else "n/a",
              "ppl": f"{r['ppl']:.2f}" if r["ppl"] is not None else f"n/a: {r['note']}"} for r in records]
     return format_rows(rows)
@@ -180,6 +204,10 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                    help="cpu, cuda, cuda:N or mps (default: cuda where there is one)")
     p.add_argument("--seed", type=int, default=0, help="seed of the random init row")
+    p.add_argument("--calib_tokens", type=int, default=0,
+                   help="also fit each method to the teacher's activations on this many tokens (0: off)")
+    p.add_argument("--calib_data", default=None,
+                   help="token .bin or text file to calibrate on (default: the train.bin beside a val.bin --data)")
     p.add_argument("--out", help="write the records as JSON here")
     p.add_argument("--plot", help="save a chart of the losses to this PNG")
     args = p.parse_args(argv)
@@ -188,6 +216,13 @@ def main(argv: list[str] | None = None) -> None:
     for name in ("kron_factors", "share_group", "batches", "batch_size", "block_size"):
         if getattr(args, name) < 1:
             raise ValueError(f"--{name} must be a positive integer, got {getattr(args, name)}")
+    if args.calib_tokens < 0:
+        raise ValueError(f"--calib_tokens must be >= 0 (0: off), got {args.calib_tokens}")
+    if args.calib_tokens and args.calib_data is None:
+        beside = os.path.join(os.path.dirname(args.data), "train.bin")
+        if os.path.basename(args.data) != "val.bin" or not os.path.isfile(beside):
+            raise ValueError("--calib_tokens needs --calib_data: calibrate on training data, not on what is scored")
+        args.calib_data = beside
     records = compare(args)
     print(format_table(records))
     if args.out:

@@ -10,7 +10,8 @@ factored ones afterwards (the way gpt-fast's quantize.py swaps linears).
   shapes. Everything after reads the spec; nothing re-derives it.
 - `build(config, **keys)`: a fresh compressed GPT (random factors with GPT-2's spreads).
 - `compress(model, **keys)`: a dense GPT's layers replaced by factors initialised from its
-  weights (Van Loan, pruning, truncated SVD, or fitted to calibration data), with a report.
+  weights (Van Loan, pruning, truncated SVD), or fitted to what the layers compute on
+  calibration data (calib_tokens > 0: calibrate.py), with a per-layer report.
 
 Adding a method is its layer, its options dataclass and one Method entry in METHODS.
 """
@@ -26,6 +27,7 @@ from typing import Callable, Optional
 import torch
 import torch.nn as nn
 
+import calibrate
 from kronecker import INITS, KronLinear, a_shape_for, b_shape_for, rel_error, shape_pair, swap_hidden_order
 from lowrank import LowRankLinear, SharedBasisLinear, init_shared_group, tie_bases
 from model import GPT, LINEAR_NAMES, GPTConfig, init_std
@@ -119,27 +121,60 @@ def init_kron(layer: KronLinear, W: torch.Tensor, o: KronOptions, svd: str) -> N
     layer.init_from_weight(W, o.kron_init, svd, prune_b_second=o.prune_b_second, random_std=W.float().std().item())
 
 
+@torch.no_grad()
+def fit_kron(layer: KronLinear, W: torch.Tensor, C: torch.Tensor, o: KronOptions, damping: float) -> None:
+    """The factors that minimise the output error on inputs of second moment C, from Van Loan
+    (vl and vl-norm alike: the fit sets the scale, so no norm correction follows); scalars 1; a
+    sparse residual keeps the entries that add most to the output error."""
+    A, B, _ = calibrate.kron_fit(W, C, layer.a_shape, layer.k, damping=damping)
+    layer.A.copy_(A)
+    layer.B.copy_(B)
+    if layer.scalars is not None:
+        layer.scalars.fill_(1.0)
+    if layer.sparse is not None:
+        R = W.to(layer.A.dtype) - layer.materialize()
+        layer.sparse.init_from_residual(R, calibrate.calibrated_residual_scores(R, C))
+
+
+@torch.no_grad()
+def fit_lowrank(layer: LowRankLinear, W: torch.Tensor, C: torch.Tensor, o: LowRankOptions, damping: float) -> None:
+    U, V = calibrate.lowrank_fit(W, C, layer.rank, damping)
+    layer.U.copy_(U)
+    layer.V.copy_(V)
+
+
+@torch.no_grad()
+def fit_shared_group(layers: list[SharedBasisLinear], weights: list, moments: list, damping: float) -> None:
+    coefficients, basis = calibrate.shared_basis_fit(weights, moments, layers[0].rank, damping)
+    layers[0].basis.copy_(basis)
+    for layer, K in zip(layers, coefficients):
+        layer.coefficient.copy_(K)
+
+
 @dataclass(frozen=True)
 class Method:
     """A compression method: its options, the check of those options against one weight shape
-    (out, in), how its layer is built, and how it starts from the dense weight it replaces."""
+    (out, in), how its layer is built, how it starts from the dense weight it replaces, and how
+    it is fitted to calibration data (the input second moment C of that weight)."""
     options: type
     build: Callable[[object, int, int, bool], nn.Module]          # (options, in, out, bias) -> layer
     check: Optional[Callable[[object, tuple, str], None]] = None  # (options, (out, in), where)
     init: Optional[Callable[[nn.Module, torch.Tensor, object, str], None]] = None   # (layer, W, options, svd)
-    # layers that share tensors (one basis per group) are set together instead: (layers, weights)
+    fit: Optional[Callable[[nn.Module, torch.Tensor, torch.Tensor, object, float], None]] = None  # (.., C, .., damping)
+    # layers that share tensors (one basis per group) are set together instead: (layers, weights[, moments, damping])
     init_group: Optional[Callable[[list, list], None]] = None
+    fit_group: Optional[Callable[[list, list, list, float], None]] = None
 
 
 METHODS = {
     "dense": Method(DenseOptions, build=lambda o, i, out, bias: nn.Linear(i, out, bias=bias)),
-    "kron": Method(KronOptions, build=build_kron, check=check_kron, init=init_kron),
+    "kron": Method(KronOptions, build=build_kron, check=check_kron, init=init_kron, fit=fit_kron),
     "lowrank": Method(LowRankOptions, check=check_rank,
                       build=lambda o, i, out, bias: LowRankLinear(i, out, o.lowrank_rank, bias=bias),
-                      init=lambda layer, W, o, svd: layer.init_from_weight(W)),
+                      init=lambda layer, W, o, svd: layer.init_from_weight(W), fit=fit_lowrank),
     "shared": Method(SharedOptions, check=check_rank,
                      build=lambda o, i, out, bias: SharedBasisLinear(i, out, o.lowrank_rank, bias=bias),
-                     init_group=init_shared_group),
+                     init_group=init_shared_group, fit_group=fit_shared_group),
 }
 
 
@@ -156,6 +191,10 @@ GENERAL_KEYS = {
                                           "Van Loan error first"),
     "calib_tokens": (0, int, "fit the factors to the teacher's activations on this many training tokens "
                              "(0: off, the weights alone)"),
+    "calib_sequential": (False, bool, "calibrate each layer on the inputs of the already-compressed layers "
+                                      "before it (what the compressed model will see)"),
+    "calib_damping": (1e-2, float, "damping of the calibrated fits (x mean input energy): larger is closer "
+                                   "to the weight-error fit"),
 }
 
 
@@ -172,7 +211,7 @@ def _option_keys() -> dict[str, tuple]:
 KEYS = {**GENERAL_KEYS, **_option_keys()}
 OPTION_KEYS = tuple(k for k in KEYS if k not in GENERAL_KEYS)
 # keys that say how the factors start, not what they are: a checkpoint may differ in them
-INIT_ONLY = ("kron_init", "prune_b_second", "kron_permute", "calib_tokens")
+INIT_ONLY = ("kron_init", "prune_b_second", "kron_permute", "calib_tokens", "calib_sequential", "calib_damping")
 
 
 @dataclass(frozen=True)
@@ -285,11 +324,18 @@ def resolve(config: GPTConfig, **keys) -> Compression:
                                 if isinstance(t, dict) else t for t in targets or ()]
     if keys["kron_permute"] not in PERMUTE_OPTIONS:
         raise ValueError(f"kron_permute={keys['kron_permute']!r}; choose None, 'hidden' or 'hidden+residual'")
-    if not isinstance(keys["calib_tokens"], int) or keys["calib_tokens"] < 0:
+    if not isinstance(keys["calib_tokens"], int) or isinstance(keys["calib_tokens"], bool) or keys["calib_tokens"] < 0:
         raise ValueError(f"calib_tokens={keys['calib_tokens']!r} must be a whole number of tokens >= 0 (0: off)")
+    if not keys["calib_damping"] >= 0:
+        raise ValueError(f"calib_damping={keys['calib_damping']!r} must be >= 0 (the fits use 1e-2)")
     own = tuple(_target(t, keys, config, f"target {t.get('pattern')!r}: ") for t in keys["compress_targets"])
     mlps = _target({"pattern": "mlp.*", "layers": "all", "method": keys["mlp"]}, keys, config, "")
     spec = Compression(keys, own + (mlps,))
+    if spec.calib_tokens:
+        for t in spec.targets:
+            if t.method == "kron" and t.options.kron_init not in ("vl", "vl-norm"):
+                raise ValueError(f"calib_tokens={spec.calib_tokens} fits Kronecker factors from Van Loan: use "
+                                 f"kron_init 'vl' or 'vl-norm', not {t.options.kron_init!r}")
     if spec.permute and not any(t.method == "kron" and t.options.kron_init in PERMUTATION_OBJECTIVES
                                 and fnmatchcase("mlp.c_fc", t.pattern) for t in spec.targets):
         raise ValueError(f"kron_permute={spec.permute!r} reorders the MLPs for a Van Loan init: it needs "
@@ -383,6 +429,8 @@ class LayerReport:
     # with kron_permute: the same two without the permutation, for comparison
     rel_error_unpermuted: Optional[float] = None
     retained_norm_unpermuted: Optional[float] = None
+    # with calibration: sqrt(tr(E C E^T) / tr(W C W^T)), E = W - W_hat, C the inputs' second moment
+    output_error: Optional[float] = None
 
 
 def searched_matrices(spec: Compression, config: GPTConfig) -> list[Searched]:
@@ -399,48 +447,109 @@ def searched_matrices(spec: Compression, config: GPTConfig) -> list[Searched]:
 
 
 def compress(model: GPT, spec: Compression | None = None, *, svd: str = "exact", verbose: bool = False,
+             calib_data=None, calib_batch_size: int = 8, progress: bool = True,
              **keys) -> tuple[GPT, list[LayerReport]]:
     """A copy of the dense `model` whose linears `spec` (or compression `keys`, e.g. mlp="kron",
     kron_shape=(1536, 384)) selects are replaced by factors initialised from its weights, each by
     its method's init; everything else (embeddings, LayerNorms, biases, layers left dense) is
     copied bit-identically. With keys and no mlp, mlp is "kron" (or "dense" when compress_targets
-    are given). Returns the model and a per-layer report (the paper's Table 4 view)."""
+    are given). Returns the model and a per-layer report (the paper's Table 4 view).
+
+    With calib_tokens > 0 the factors are fitted to what each layer computes instead (calibrate.py):
+    `calib_data` (a 1-D array of token ids, e.g. a train.bin memmap) gives calib_tokens tokens in
+    windows of the model's block size, and the report adds each layer's output error."""
     if spec is None:
         keys.setdefault("mlp", "dense" if keys.get("compress_targets") else "kron")
         spec = resolve(model.config, **keys)
     elif keys:
         raise ValueError("compress() takes a spec or compression keys, not both")
-    n_layer = model.config.n_layer
+    if spec.calib_tokens and calib_data is None:
+        raise ValueError(f"calib_tokens={spec.calib_tokens} needs calibration data (token ids of the training "
+                         "split); train.py takes them from data_dir's train.bin, compress() from calib_data")
     if spec.permute:
         source = permuted(model, searched_matrices(spec, model.config), residual=spec.permute == "hidden+residual",
                           svd=svd)
     else:
         source = model
     new = deepcopy(source)
-    groups: dict[int, tuple[Method, list, list]] = {}
-    with torch.no_grad():
-        for i, name, layer, dense in swap_linears_(new, spec):
-            method = METHODS[spec.target(i, name, n_layer).method]
-            W = dense.weight.detach()
-            if method.init_group is not None:    # one init per group of layers sharing a tensor
-                _, layers, weights = groups.setdefault(id(layer.basis), (method, [], []))
-                layers.append(layer)
-                weights.append(W)
-            else:
-                method.init(layer, W, spec.target(i, name, n_layer).options, svd)
-            if dense.bias is not None:
-                layer.bias.copy_(dense.bias)
-        for method, layers, weights in groups.values():
-            method.init_group(layers, weights)
-    report = compression_report(source, new)
+    swapped = swap_linears_(new, spec)
+    if spec.calib_tokens:
+        moments = calibrate_(new, source, swapped, spec, calib_data, calib_batch_size, progress)
+    else:
+        moments = None
+        init_(new, spec, swapped, svd)
+    report = compression_report(source, new, moments)
     if spec.permute:     # the same layers initialised without the permutation, for comparison
-        plain_spec = resolve(model.config, **{**spec.keys, "kron_permute": None})
+        plain_spec = resolve(model.config, **{**spec.keys, "kron_permute": None, "calib_tokens": 0})
         plain = compression_report(model, compress(model, plain_spec, svd=svd)[0])
         for r, p in zip(report, plain):
             r.rel_error_unpermuted, r.retained_norm_unpermuted = p.rel_error, p.retained_norm
     if verbose:
         print(format_report(report))
     return new, report
+
+
+@torch.no_grad()
+def init_(model: GPT, spec: Compression, swapped: list, svd: str) -> None:
+    """Each swapped layer from the dense weight it replaced, by its method's init; biases copied."""
+    groups: dict[int, tuple[Method, list, list]] = {}
+    for i, name, layer, dense in swapped:
+        target = spec.target(i, name, model.config.n_layer)
+        method = METHODS[target.method]
+        if method.init_group is not None:    # one init per group of layers sharing a tensor
+            _, layers, weights = groups.setdefault(id(layer.basis), (method, [], []))
+            layers.append(layer)
+            weights.append(dense.weight.detach())
+        else:
+            method.init(layer, dense.weight.detach(), target.options, svd)
+        if dense.bias is not None:
+            layer.bias.copy_(dense.bias)
+    for method, layers, weights in groups.values():
+        method.init_group(layers, weights)
+
+
+def calibrate_(model: GPT, source: GPT, swapped: list, spec: Compression, tokens, batch_size: int,
+               progress: bool) -> dict[str, torch.Tensor]:
+    """Fit each swapped layer to the input second moment C of the layer it replaces: collected on
+    the dense `source` in one pass, or (calib_sequential) layer by layer on `model` itself, whose
+    earlier layers are then already fitted. Returns {"transformer.h.i.name": C}."""
+    n_layer, damping = model.config.n_layer, spec.keys["calib_damping"]
+    names = [f"transformer.h.{i}.{name}" for i, name, _, _ in swapped]
+    windows = lambda: calibrate.calibration_windows(tokens, spec.calib_tokens, model.config.block_size, batch_size,
+                                                    progress=progress)
+    for block in model.transformer.h:        # the moments are of inputs in the standard order
+        if isinstance(block.mlp.c_fc, KronLinear) and isinstance(block.mlp.c_proj, KronLinear):
+            block.mlp.c_fc.swap_out = block.mlp.c_proj.swap_in = False
+    sequential = spec.keys["calib_sequential"]
+    if sequential and any(t.method == "shared" for t in spec.targets):
+        raise ValueError("calib_sequential fits one layer after another; layers that share a basis are fitted "
+                         "together: use calib_sequential=False with method 'shared'")
+    moments = {} if sequential else {n: m.second_moment() for n, m in
+                                     calibrate.collect_moments(source, names, windows()).items()}
+    groups: dict[int, tuple[Method, list, list, list]] = {}
+    with torch.no_grad():
+        for (i, name, layer, dense), full in zip(swapped, names):
+            if sequential:
+                if progress:
+                    print(f"calibrating {full} on the inputs of the layers compressed before it")
+                moments[full] = calibrate.collect_moments(model, [full], windows())[full].second_moment()
+            target = spec.target(i, name, n_layer)
+            method = METHODS[target.method]
+            W, C = dense.weight.detach(), moments[full]
+            if method.fit_group is not None:
+                _, layers, weights, Cs = groups.setdefault(id(layer.basis), (method, [], [], []))
+                layers.append(layer)
+                weights.append(W)
+                Cs.append(C)
+            else:
+                method.fit(layer, W, C, target.options, damping)
+            if dense.bias is not None:
+                layer.bias.copy_(dense.bias)
+        for method, layers, weights, Cs in groups.values():
+            method.fit_group(layers, weights, Cs, damping)
+    for block in model.transformer.h:
+        swap_hidden_order(block.mlp.c_fc, block.mlp.c_proj)
+    return moments
 
 
 def dense_weight(layer: nn.Module) -> torch.Tensor:
@@ -454,8 +563,9 @@ def dense_weight(layer: nn.Module) -> torch.Tensor:
 
 
 @torch.no_grad()
-def compression_report(dense: GPT, compressed: GPT) -> list[LayerReport]:
-    """Relative error and retained norm of every compressed linear against the dense one."""
+def compression_report(dense: GPT, compressed: GPT, moments: dict | None = None) -> list[LayerReport]:
+    """Relative error and retained norm of every compressed linear against the dense one, and its
+    relative output error on inputs of second moment moments["transformer.h.i.name"] where given."""
     report = []
     for i, (old, blk) in enumerate(zip(dense.transformer.h, compressed.transformer.h)):
         for name in LINEAR_NAMES:
@@ -463,18 +573,24 @@ def compression_report(dense: GPT, compressed: GPT) -> list[LayerReport]:
             if isinstance(layer, nn.Linear):
                 continue
             W, W_hat = old.get_submodule(name).weight.float(), dense_weight(layer).float()
-            report.append(LayerReport(i, name, rel_error(W, W_hat), 100 * (W_hat.norm() / W.norm()).item()))
+            C = (moments or {}).get(f"transformer.h.{i}.{name}")
+            report.append(LayerReport(i, name, rel_error(W, W_hat), 100 * (W_hat.norm() / W.norm()).item(),
+                                      output_error=None if C is None else calibrate.output_error(W, W_hat, C)))
     return report
 
 
 def format_report(report: list[LayerReport]) -> str:
     permuted_too = any(r.rel_error_unpermuted is not None for r in report)
+    calibrated = any(r.output_error is not None for r in report)
     head = "| layer | matrix | rel. Frobenius error | retained norm % |"
-    lines = [head + (" error without permutation | retained without |" if permuted_too else ""),
-             "|---|---|---|---|" + ("---|---|" if permuted_too else "")]
+    lines = [head + (" error without permutation | retained without |" if permuted_too else "")
+             + (" rel. output error |" if calibrated else ""),
+             "|---|---|---|---|" + ("---|---|" if permuted_too else "") + ("---|" if calibrated else "")]
     for r in report:
         line = f"| {r.layer} | {r.name} | {r.rel_error:.4f} | {r.retained_norm:.2f} |"
         if permuted_too:
             line += f" {r.rel_error_unpermuted:.4f} | {r.retained_norm_unpermuted:.2f} |"
+        if calibrated:
+            line += f" {r.output_error:.4f} |"
         lines.append(line)
     return "\n".join(lines)

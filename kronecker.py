@@ -370,11 +370,13 @@ class SparseResidual(nn.Module):
         return self.index.numel() * self.index.element_size()
 
     @torch.no_grad()
-    def init_from_residual(self, R: torch.Tensor) -> None:
-        """Keep the nnz largest-magnitude entries of the residual R (out, in)."""
+    def init_from_residual(self, R: torch.Tensor, scores: torch.Tensor | None = None) -> None:
+        """Keep the nnz entries of the residual R (out, in) of the largest magnitude, or of the
+        largest `scores` (out, in) where given (calibration: what each entry adds to the output)."""
         nnz = self.values.numel()
         flat = R.reshape(-1)
-        keep = flat.abs().topk(nnz, sorted=False).indices.sort().values   # row-major order: coalesced
+        rank = (flat.abs() if scores is None else scores.reshape(-1))
+        keep = rank.topk(nnz, sorted=False).indices.sort().values   # row-major order: coalesced
         self.index.copy_(torch.stack([keep // self.in_features, keep % self.in_features]))
         self.values.copy_(flat[keep])
 

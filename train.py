@@ -79,10 +79,11 @@ class TrainingDiverged(TrainError):
 # -----------------------------------------------------------------------------
 # Model, teacher, optimizer
 
-def build_model(cfg: TrainConfig, log) -> GPT:
+def build_model(cfg: TrainConfig, log, tokens: data.TokenData | None = None, device: torch.device | str = "cpu") -> GPT:
     """The model a new run starts from, as init_from says (resume is handled by Trainer.restore):
     a new one, or a trained one (a Hugging Face GPT-2 or our checkpoint) compressed as the config's
-    model keys say where they differ from it (the paper's path: a dense teacher, compressed)."""
+    model keys say where they differ from it (the paper's path: a dense teacher, compressed; with
+    calib_tokens, fitted to the teacher's activations on the training split of `tokens`, on `device`)."""
     init = cfg.init_from
     try:
         if init == "scratch":
@@ -106,7 +107,10 @@ def build_model(cfg: TrainConfig, log) -> GPT:
             model = rebuilt(model, dropout=config.dropout, untied_head=config.untied_head)
         if architecture(config, spec) == architecture(model):
             return model
-        model, report = compress(model, spec)
+        if spec.calib_tokens:
+            log(f"calibrating on {spec.calib_tokens:,} tokens of {cfg.data_dir}/train.bin")
+            model.to(device)
+        model, report = compress(model, spec, calib_data=tokens.splits["train"] if tokens else None)
         log(f"compressed {init}: " + ", ".join(f"{k}={v!r}" for k, v in cfg.model.items() if k not in DIMENSIONS))
         log(format_report(report))
         return model
@@ -248,6 +252,12 @@ class Trainer:
                     resolve_model(spec)
                 except FileNotFoundError as e:
                     raise ConfigError(f"{key}={spec!r}: {e}") from None
+        calib = cfg.model.get("calib_tokens", 0)       # calibration data: enough of it, before anything is written
+        if calib and os.path.isfile(os.path.join(cfg.data_dir, "train.bin")):
+            n = data.TokenData(cfg.data_dir).num_tokens("train")
+            if calib > n:
+                raise ConfigError(f"calib_tokens={calib} is more than the {n:,} tokens of {cfg.data_dir}/train.bin; "
+                                  "use fewer calibration tokens or more data")
         try:
             self.device = runtime.pick_device(cfg.device, dist.local_rank)
         except ValueError as e:
@@ -268,7 +278,7 @@ class Trainer:
         except data.DataError as e:
             raise ConfigError(str(e)) from None
         # resumed: exactly as the run built it (its stored architecture, whatever the config says)
-        self.model = model_from_checkpoint(ckpt, source=self.resume_path) if ckpt else build_model(cfg, self.log)
+        self.model = model_from_checkpoint(ckpt, source=self.resume_path) if ckpt else build_model(cfg, self.log, self.data, self.device)
         if cfg.block_size > self.model.config.block_size:
             raise ConfigError(f"block_size={cfg.block_size} is longer than the model's context "
                               f"{self.model.config.block_size}")

@@ -11,8 +11,9 @@
 # weights (GPT-2's 81M class), B 1x2 half (the 96M class, in the orientation prune's published results
 # used). Four ways of spending the B 2x2 budget, about 16,400 weights per matrix: 1 factor of B 2x2,
 # 2 factors of B 4x2, 4 factors of B 4x4 with scalars, low-rank at rank 25 (`python lowrank.py
-# plan-rank --kron-shape 256 64 --n-embd 128 --n-layer 4`). A Shakespeare-sized teacher is not GPT-2:
-# see the README for what this shows and what it does not.
+# plan-rank --kron_shape 256 64 --n_embd 128 --n_layer 4`). The calibrated rows fit the same setups to
+# the teacher's activations on 32,768 training tokens (calib_tokens) instead of to its weights alone.
+# A Shakespeare-sized teacher is not GPT-2: see the README for what this shows and what it does not.
 
 data_dir = "data/shakespeare-study"
 data_prepare = dict(dataset="../shared/data/tinyshakespeare.txt", val_fraction=0.1,
@@ -23,6 +24,7 @@ teacher = dict(name="teacher", init_from="scratch", n_layer=4, n_head=4, n_embd=
                max_iters=800, learning_rate=1e-3, min_lr=1e-4, warmup_iters=50, eval_interval=100)
 
 _kron = dict(mlp="kron")
+_calib = 32768                  # calibration tokens of the training split (about a tenth of it)
 runs = [
     dict(name="vl-norm B2x2", **_kron, kron_b_shape=(2, 2), kron_init="vl-norm"),
     dict(name="vl-norm B2x2, seed 2", **_kron, kron_b_shape=(2, 2), kron_init="vl-norm", seed=2),
@@ -41,6 +43,16 @@ runs = [
     dict(name="lowrank r=25", mlp="lowrank", lowrank_rank=25),
     dict(name="prune B1x2", **_kron, kron_b_shape=(1, 2), kron_init="prune", prune_b_second=0.0),
     dict(name="vl-norm B1x2", **_kron, kron_b_shape=(1, 2), kron_init="vl-norm"),
+    # the same budgets, fitted to what the teacher computes (calibrate.py)
+    dict(name="vl-norm B2x2, calibrated", **_kron, kron_b_shape=(2, 2), kron_init="vl-norm", calib_tokens=_calib),
+    dict(name="vl-norm B2x2, calibrated sequentially", **_kron, kron_b_shape=(2, 2), kron_init="vl-norm",
+         calib_tokens=_calib, calib_sequential=True),
+    dict(name="2 factors B4x2, calibrated", **_kron, kron_b_shape=(4, 2), kron_factors=2, kron_init="vl-norm",
+         calib_tokens=_calib),
+    dict(name="4 factors B4x4 + scalars, calibrated", **_kron, kron_b_shape=(4, 4), kron_factors=4,
+         kron_scalars=True, kron_init="vl-norm", calib_tokens=_calib),
+    dict(name="lowrank r=25, calibrated", mlp="lowrank", lowrank_rank=25, calib_tokens=_calib),
+    dict(name="vl-norm B1x2, calibrated", **_kron, kron_b_shape=(1, 2), kron_init="vl-norm", calib_tokens=_calib),
 ]
 
 # every run: the same budget and recipe (the teacher above sets its own)

@@ -11,7 +11,7 @@ from conftest import ROOT
 # each layer and what of ours it may import
 LAYERS = {"kron_kernels": set(), "kronecker": {"kron_kernels"}, "lowrank": set()}
 # the modules that apply compression to a built GPT, load and save it, and distil it
-COMPRESSION = ("compress", "permute", "checkpoints", "distill")
+COMPRESSION = ("compress", "permute", "calibrate", "checkpoints", "distill")
 HELPERS = {"storage", "runtime"}
 # modules with a command line that others import as libraries
 LIBRARIES_WITH_A_CLI = {*LAYERS, "sizes"}
