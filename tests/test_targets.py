@@ -1,11 +1,13 @@
 """Choosing which linear layers to compress, and how (the compress_targets key)."""
+import os
+
 import pytest
 import torch
 import torch.nn as nn
 
 from checkpoints import from_checkpoint, save_checkpoint
 from compress import build, compress, resolve, spec_of
-from conftest import gpt, make_tiny_hf
+from conftest import ROOT, gpt, make_tiny_hf
 from kronecker import KronLinear
 from lowrank import LowRankLinear, SharedBasisLinear
 from model import GPT, GPTConfig, LINEAR_NAMES
@@ -166,3 +168,22 @@ def test_prune_follows_the_b_shape(dense12):
     fc = hidden.transformer.h[0].mlp.c_fc.materialize()
     W = dense12.transformer.h[0].mlp.c_fc.weight
     assert torch.equal(fc[0::2], W[0::2]) and torch.allclose(fc[1::2], 0.1 * W[0::2])
+
+
+def test_adding_a_method_is_one_registry_entry(dense12):
+    """The example of docs/model.md, run as written: a method is its options, check, build and init."""
+    import re
+    from compress import METHODS
+    with open(os.path.join(ROOT, "docs", "model.md"), encoding="utf-8") as f:
+        doc = f.read()
+    example = re.search(r"```python\n(import torch\nfrom compress import METHODS.*?)```", doc, re.S).group(1)
+    try:
+        exec(example, {})
+        model, report = compress(dense12, mlp="lowrank-rsvd", lowrank_rank=8)
+        assert isinstance(model.transformer.h[0].mlp.c_fc, LowRankLinear) and len(report) == 24
+        plain, plain_report = compress(dense12, mlp="lowrank", lowrank_rank=8)
+        assert [r.rel_error for r in report] == pytest.approx([r.rel_error for r in plain_report], abs=0.05)
+        with pytest.raises(ValueError, match="needs lowrank_rank"):
+            compress(dense12, mlp="lowrank-rsvd")
+    finally:
+        METHODS.pop("lowrank-rsvd", None)
