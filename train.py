@@ -10,7 +10,7 @@ distilled from a teacher.
 
 A config file is plain Python assignments (`batch_size = 24`); names starting with "_" are helpers
 and ignored. `--key=value` overrides a key; values are parsed with ast.literal_eval
-(`--kron_shape=(1536,384)`, `--decay_lr=False`) and fall back to a string (`--init_from=gpt2`).
+(`--kron_shape="(1536,384)"`, `--decay_lr=False`) and fall back to a string (`--init_from=gpt2`).
 Unknown keys, values of the wrong type and impossible values are errors. Every GPTConfig field
 (mlp, kron_shape, kron_b_shape, kron_factors, kron_init, untied_head, ...) is a key too.
 
