@@ -349,8 +349,8 @@ def markdown(records: list[dict]) -> str:
 
 
 # Every run's (colour, marker, line style): tab20's 20 colours (its dark shades first, then the light
-# ones), 9 markers and 4 line styles, each cycling with the run's index, so no two runs of fewer than
-# 180 share all three and neighbours in the legend differ in all three.
+# ones), 9 markers and 4 line styles, each cycling with the run's index: in a study of up to 180 runs
+# no two share all three, and consecutive runs differ in all three.
 MARKERS = ("o", "s", "^", "D", "v", "P", "X", "<", ">")
 LINES = ("-", "--", "-.", ":")
 MARKER_POINTS = 7.5             # the width of a plotted point, in points
