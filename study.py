@@ -5,7 +5,7 @@ paths a user runs), compared in one table and one plot.
 
     python study.py configs/study_mini.py                    # a 2-core laptop, offline, under an hour
     python study.py configs/study_gpt2.py                    # the paper's grid, on a GPU
-    python study.py configs/study_mini.py --max_iters=20 --out_dir=out-study-smoke   # a smoke test, minutes
+    python study.py configs/study_mini.py --max_iters=20 --out_dir=out-study-smoke   # a smoke test of the whole study
     python study.py --replot out-study-mini/study.json        # study.png again, from study.json alone
 
 A study file is plain Python assignments:
