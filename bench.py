@@ -499,7 +499,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = ArgumentParser(prog="bench.py", description=__doc__.split("\n\n")[0].strip(),
                                 epilog="Example: python bench.py --sections layer,model --out bench.json",
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
+    p.add_argument("--device", default="cpu", choices=("cpu", "cuda"), help="where every section runs (default cpu)")
     p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"),
                    help="bfloat16 runs under autocast with float32 parameters, as training does")
     p.add_argument("--compile", action="store_true", help="torch.compile every benchmarked module")
@@ -511,7 +511,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--repeats", type=int, default=None,
                    help="timed repeats per figure (median; default 15: fewer lets host noise through)")
     p.add_argument("--warmup", type=int, default=2, help="untimed calls before timing")
-    p.add_argument("--corpus", default=os.path.join(os.path.dirname(REPO), "shared", "data", "tinyshakespeare.txt"))
+    p.add_argument("--corpus", default=os.path.join(os.path.dirname(REPO), "shared", "data", "tinyshakespeare.txt"),
+                   help="data section: the text file to tokenise (default ../shared/data/tinyshakespeare.txt)")
     p.add_argument("--corpus_repeat", type=int, default=8, help="data section: how many times to repeat the corpus")
     p.add_argument("--distill_batch", type=int, default=4,
                    help="distill section: sequences per step (of 1024 tokens; default 4, the paper's is 24)")

@@ -3,7 +3,7 @@ Perplexity of GPT-2 style models on WikiText-103, WikiText-2 and LAMBADA (and
 any local text file), plus LAMBADA last-word accuracy, with one harness for
 our checkpoints and for Hugging Face baselines.
 
-    python eval_ppl.py --model gpt2 --model distilgpt2 --model out/krony81/ckpt_best.pt \
+    python eval_ppl.py --model gpt2 --model distilgpt2 --model out-krony81m-finetune/ckpt_best.pt \
         --datasets wikitext-103,wikitext-2,lambada --protocol paper --out results.json
 
 Two protocols (docs/evaluation.md has the details):

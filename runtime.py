@@ -118,6 +118,14 @@ class ArgumentParser(argparse.ArgumentParser):
         return key + eq + value if key in self._option_string_actions else arg
 
 
+def format_duration(seconds: float) -> str:
+    """3h05m, 12m40s, 9s: a duration as a person reads it in a log line."""
+    s = max(0, round(seconds))
+    if s >= 3600:
+        return f"{s // 3600}h{s % 3600 // 60:02d}m"
+    return f"{s // 60}m{s % 60:02d}s" if s >= 60 else f"{s}s"
+
+
 def run_cli(main: Callable, errors: tuple = (ValueError, OSError, RuntimeError),
             interrupted: str = "interrupted") -> None:
     """Run a script's main(): a mistake the user can fix (one of `errors`: a bad value, a missing

@@ -2,7 +2,7 @@
 Generate text from one of our checkpoints or a Hugging Face GPT-2.
 
     python sample.py --model gpt2 --prompt "The meaning of life is" --num-samples 3
-    python sample.py --model out/krony81 --prompt-file prompt.txt --temperature 0.8 --top-p 0.95
+    python sample.py --model out-krony81m-finetune --prompt-file prompt.txt --temperature 0.8 --top-p 0.95
     python sample.py --model distilgpt2 --interactive
 
 Generation keeps a KV cache (GPT.generate), so each new token costs one
@@ -30,12 +30,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--prompt", default="\n", help="text to continue (default: a newline)")
     p.add_argument("--prompt_file", default=None, help="read the prompt from this file instead")
     p.add_argument("--interactive", action="store_true", help="a prompt loop: type a prompt, get samples")
-    p.add_argument("--num_samples", type=int, default=1)
-    p.add_argument("--max_new_tokens", type=int, default=200)
+    p.add_argument("--num_samples", type=int, default=1, help="samples per prompt (default 1)")
+    p.add_argument("--max_new_tokens", type=int, default=200, help="tokens generated per sample (default 200)")
     p.add_argument("--temperature", type=float, default=1.0, help="0 = greedy")
     p.add_argument("--top_k", type=int, default=None, help="keep only the k most likely tokens")
     p.add_argument("--top_p", type=float, default=None, help="nucleus sampling: smallest set with mass >= p")
-    p.add_argument("--seed", type=int, default=1337)
+    p.add_argument("--seed", type=int, default=1337, help="seed of the sampling's random generator (default 1337)")
     p.add_argument("--device", default="auto", help=DEVICE_HELP)
     p.add_argument("--dtype", default="auto", choices=["auto", *DTYPES],
                    help="auto = bfloat16 autocast on a CUDA GPU that supports it, else float32")

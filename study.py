@@ -5,7 +5,8 @@ paths a user runs), compared in one table and one plot.
 
     python study.py configs/study_mini.py                    # a 2-core laptop, offline, under an hour
     python study.py configs/study_gpt2.py                    # the paper's grid, on a GPU
-    python study.py configs/study_mini.py --max_iters=20 --out_dir=out-study-smoke
+    python study.py configs/study_mini.py --max_iters=20 --out_dir=out-study-smoke   # a smoke test of the whole study
+    python study.py --replot out-study-mini/study.json        # study.png again, from study.json alone
 
 A study file is plain Python assignments:
 
@@ -21,17 +22,30 @@ A study file is plain Python assignments:
     max_iters = 2000          # every other assignment is a train.py key applied to every run
 
 A run without init_from starts from the teacher; "teacher" as the value of init_from or distill_from
-names it too. `--key=value` overrides a study key or a train.py key of every run.
+names it too. `--key=value` overrides a study key, or a train.py key of every run and of a teacher
+the study trains: the command line wins over the study file, the runs' and the teacher's own keys
+included (`--max_iters=20` gives every run and the teacher 20 steps).
 
-Output, in out_dir: one directory per run (its checkpoints, run.json, eval.json and train.log, the
-full log of its training), and
+Progress: a line as each run starts and ends, its evaluations, and after each run the ETA of the
+runs left (their steps at the mean time per step of the runs trained so far).
+
+Output, in out_dir: one directory per run (its checkpoints, run.json, loss.png, eval.json and
+train.log, the full log of its training), and
   study.json  one record per run, the teacher first: name, keys, num_params (tied embedding once, with
               position embeddings), val_loss_start (right after compression), val_loss (of the best
               checkpoint, the one evaluated), curve ([tokens, val_loss] at every evaluation), eval
               (eval_ppl.py's records), tokens, train_seconds, tokens_per_s, status
   study.md    the same as a table, sorted by parameter count, the teacher first
-  study.png   validation loss against tokens for every run (the teacher a horizontal line), and
-              final perplexity against parameter count
+  study.png   three panels, with one legend below them (each run its own colour, marker and line
+              style) and a title naming the study file and the command line's overrides:
+              1. validation loss against tokens trained, every run from right after compression on
+                 (the teacher's final loss a dotted line)
+              2. final perplexity (log axis) against parameter count, the teacher a star; runs of
+                 one size are moved sideways where they would cover each other
+              3. the runs ranked by final perplexity (log axis), each value written beside its point,
+                 the teacher a dotted line
+              Perplexity: eval_ppl.py's on the first evaluation set (the study's val.bin).
+              `--replot STUDY_JSON [--title TITLE] [--out PNG]` draws it again from a study.json.
 
 Resumable: a finished run is skipped, an interrupted one resumes from its checkpoint (train.py does
 that by itself with the same command), and a run whose keys changed since it ran is an error that
@@ -56,8 +70,10 @@ from config import (ConfigError, TrainConfig, TrainError, config_diff, config_fr
                     load_config_file, parse_override, to_overrides)
 from checkpoints import CKPT_BEST, CKPT_LAST, RUN_JSON, load_checkpoint, resolve_model, source_spec
 from compress import build
+from runtime import format_duration
 
 REPO = os.path.dirname(os.path.abspath(__file__))
+CLI = "the command line"       # where an override was set
 STUDY_KEYS = {"teacher": None, "data_dir": "data/openwebtext", "out_dir": "out-study", "eval_data_files": [],
               "eval_datasets": [], "eval_protocol": "paper", "runs": []}
 TEACHER = "teacher"            # the placeholder runs use for the study's teacher
@@ -77,7 +93,7 @@ def slug(name: str) -> str:
 def load_study(path: str, overrides: list[str]) -> tuple[dict, list[tuple[str, object, str]]]:
     """The study keys, and the train.py keys every run gets (with where each was set)."""
     values = load_config_file(path)
-    pairs = [(k, v, path) for k, v in values.items()] + [(*parse_override(a), "the command line") for a in overrides]
+    pairs = [(k, v, path) for k, v in values.items()] + [(*parse_override(a), CLI) for a in overrides]
     study, common = dict(STUDY_KEYS), []
     for k, v, where in pairs:
         if k in STUDY_KEYS:
@@ -126,9 +142,13 @@ def plan_runs(study: dict, common: list, path: str) -> tuple[dict | None, list[d
         keys = dict(given)
         if not is_teacher:
             keys.setdefault("init_from", TEACHER)
-            keys = {k: (teacher_path if k in ("init_from", "distill_from") and v == TEACHER else v)
-                    for k, v in keys.items()}
-        sources = common + [(k, v, f"run {name!r}") for k, v in keys.items()]
+        # the study file's keys, then the run's own, then the command line's: `--max_iters=20` is the
+        # budget of every run and of the teacher, whatever the file sets for them
+        sources = ([s for s in common if s[2] != CLI] + [(k, v, f"run {name!r}") for k, v in keys.items()]
+                   + [s for s in common if s[2] == CLI])
+        if not is_teacher:
+            sources = [(k, teacher_path if k in ("init_from", "distill_from") and v == TEACHER else v, where)
+                       for k, v, where in sources]
         sources += [("out_dir", run_dir, "the study"), ("eval_at_start", True, "the study")]
         try:
             cfg = config_from(sources)
@@ -249,7 +269,7 @@ def train_run(plan: dict, index: str, echo) -> dict:
     summary = read_json(os.path.join(plan["dir"], RUN_JSON))
     if summary and summary.get("finished") and not config_diff(summary["config"], plan["cfg"].flat()):
         print(f"{index} {plan['name']}: finished earlier, skipped", flush=True)
-        return {"status": "ok", **summary}
+        return {"status": "ok", "skipped": True, **summary}
     log_path = os.path.join(plan["dir"], "train.log")
     print(f"{index} {plan['name']}: training (log: {log_path})", flush=True)
     t0 = time.time()
@@ -330,73 +350,167 @@ def markdown(records: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def plot(records: list[dict], path: str, title: str) -> None:
-    """Three panels: validation loss against tokens (the teacher a horizontal line), final perplexity
-    against parameter count, and the runs ranked by final perplexity (the differences at a glance)."""
+# Every run's (colour, marker, line style): tab20's 20 colours (its dark shades first, then the light
+# ones), 9 markers and 4 line styles, each cycling with the run's index: in a study of up to 180 runs
+# no two share all three, and consecutive runs differ in all three.
+MARKERS = ("o", "s", "^", "D", "v", "P", "X", "<", ">")
+LINES = ("-", "--", "-.", ":")
+MARKER_POINTS = 7.5             # the width of a plotted point, in points
+
+
+def run_styles(names: list[str]) -> dict[str, tuple]:
     import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    import matplotlib.ticker
+    tab20 = matplotlib.colormaps["tab20"].colors
+    colors = tab20[0::2] + tab20[1::2]
+    return {name: (colors[i % len(colors)], MARKERS[i % len(MARKERS)], LINES[i % len(LINES)])
+            for i, name in enumerate(names)}
+
+
+def label_log_axis(axis, lo: float, hi: float) -> None:
+    """Plain-number tick labels on a log axis from lo to hi, also when it spans less than a decade
+    (where matplotlib would label one tick, or none)."""
+    import matplotlib.ticker as mt
+    ticks = [t for t in mt.LogLocator(subs=(1.0, 1.5, 2.0, 3.0, 5.0, 7.0)).tick_values(lo, hi) if lo <= t <= hi]
+    if len(ticks) < 3:
+        ticks = [t for t in mt.MaxNLocator(5).tick_values(lo, hi) if lo <= t <= hi]
+    axis.set_major_locator(mt.FixedLocator(ticks))
+    axis.set_major_formatter(mt.FuncFormatter(lambda v, _: f"{v:g}"))
+    axis.set_minor_formatter(mt.NullFormatter())
+
+
+def main_dataset(records: list[dict]) -> str | None:
+    """The evaluation set the perplexity panels show: the first one evaluated (the study's val.bin)."""
+    return next((e["dataset"] for r in records for e in r["eval"]), None)
+
+
+def figure(records: list[dict], title: str):
+    """The study plot (a matplotlib Figure; records: the teacher first, then the runs in legend order).
+    Three panels: validation loss against tokens trained (the teacher a horizontal line), final
+    perplexity against parameter count, and the runs ranked by final perplexity (the differences at a
+    glance). One legend below them serves all three: each run has its own colour, marker and line style."""
+    from matplotlib.figure import Figure
+    from matplotlib.lines import Line2D
+    from matplotlib.ticker import EngFormatter
+    from matplotlib.transforms import offset_copy
     teacher, runs = records[0], records[1:]
-    colors = plt.get_cmap("tab10").colors
-    style = {r["name"]: (colors[i % 10], "-" if i < 10 else "--") for i, r in enumerate(runs)}
-    fig, (ax1, ax2, ax3) = plt.subplots(1, 3, figsize=(19, 6), gridspec_kw={"width_ratios": [1.2, 1, 1]})
+    styles = run_styles([r["name"] for r in runs])
+    main_set = main_dataset(records)
+    ppl = {r["name"]: next((e["ppl"] for e in r["eval"] if e["dataset"] == main_set), None) for r in records}
+    t_ppl, t_loss = ppl[teacher["name"]], teacher["val_loss"]
+    millions = lambda r: f"{r['num_params'] / 1e6:.2f}M" if r["num_params"] else "? parameters"
+
+    handles = [Line2D([], [], color=c, marker=m, linestyle=ls, ms=6,
+                      label=f"{r['name']} ({millions(r)})" + ("" if r["status"] == "ok" else " - failed"))
+               for r in runs for c, m, ls in [styles[r["name"]]]]
+    handles.append(Line2D([], [], color="black", linestyle=":", marker="*", ms=10, label=f"teacher ({millions(teacher)}"
+                          + (f", val loss {t_loss:.3f})" if t_loss is not None else ")")))
+    ncol = min(5, len(handles))
+    rows = -(-len(handles) // ncol)
+    # the panels keep their height whatever the legend's; constrained layout fits the long run names
+    fig = Figure(figsize=(21, 6.0 + 0.25 * rows), layout="constrained")
+    ax1, ax2, ax3 = fig.subplots(1, 3, width_ratios=[1.2, 1, 1])
+
+    # 1. validation loss against tokens: every point inside the axes (the loss right after compression
+    # can be far above the rest; the ranked panel shows the final differences)
     for r in runs:
         if r["curve"]:
             xs, ys = zip(*r["curve"])
-            color, line = style[r["name"]]
-            ax1.plot(xs, ys, line, marker=".", color=color, label=r["name"])
-    if teacher["val_loss"] is not None:
-        ax1.axhline(teacher["val_loss"], color="black", linestyle=":", label=f"teacher ({teacher['val_loss']:.3f})")
-    ends = [r["curve"][-1][1] for r in runs if r["curve"]]
-    if ends:          # the loss right after compression can be far above the rest: show the recovery
-        lo = min(ends + ([teacher["val_loss"]] if teacher["val_loss"] else []))
-        ax1.set_ylim(lo - 0.1, max(ends) + 1.5 * (max(ends) - lo) + 0.2)
-    ax1.set(xlabel="tokens trained", ylabel="validation loss", title="validation loss during recovery")
-    ax1.legend(fontsize=7, loc="upper right")
-    ax1.grid(alpha=0.3)
-    main_set = next((e["dataset"] for r in records for e in r["eval"]), None)
-    ppl = {r["name"]: next((e["ppl"] for e in r["eval"] if e["dataset"] == main_set), None) for r in records}
+            color, marker, line = styles[r["name"]]
+            ax1.plot(xs, ys, linestyle=line, marker=marker, color=color, ms=5, lw=1.3)
+    if t_loss is not None:
+        ax1.axhline(t_loss, color="black", linestyle=":", lw=1.5)
+    ax1.xaxis.set_major_formatter(EngFormatter(sep=""))           # 100k, 1.5M, 2G tokens
+    ax1.set(xlabel="tokens trained", ylabel="validation loss (train.py's estimate)",
+            title="validation loss during recovery")
+
+    # 2. final perplexity against size, on a log axis so that every run is inside it (the points are
+    # placed at the end, once the layout fixes the axes' size)
     done = [r for r in runs if ppl[r["name"]] is not None and r["num_params"]]
+    values = [ppl[r["name"]] for r in done] + ([t_ppl] if t_ppl and teacher["num_params"] else [])
+    where = os.path.basename(main_set) if main_set else "?"
+    if values:
+        if t_ppl and teacher["num_params"]:
+            ax2.scatter([teacher["num_params"] / 1e6], [t_ppl], color="black", marker="*", s=160, zorder=3)
+            ax2.annotate("teacher", (teacher["num_params"] / 1e6, t_ppl), xytext=(6, 4), textcoords="offset points",
+                         fontsize=8)
+        lo, hi = min(values) / 1.06, max(values) * 1.06
+        ax2.set_yscale("log")
+        ax2.set_ylim(lo, hi)
+        label_log_axis(ax2.yaxis, lo, hi)
+        sizes = [r["num_params"] / 1e6 for r in done] + ([teacher["num_params"] / 1e6] if teacher["num_params"] else [])
+        pad = 0.12 * (max(sizes) - min(sizes)) or 0.05 * max(sizes)  # room for the sideways spread
+        ax2.set_xlim(min(sizes) - pad, max(sizes) + pad)
+    ax2.set(xlabel="parameters (millions; tied embedding once, with position embeddings)\n"
+                   "runs of the same size are spread sideways where they would hide each other",
+            ylabel=f"perplexity on {where} (log scale)", title="final perplexity against size")
+
+    # 3. the runs ranked by final perplexity, best at the top, each value written beside its point
     if done:
-        values = sorted(ppl[r["name"]] for r in done)
-        top = values[len(values) // 2] * 1.5               # the zoomed range; higher ones are marked at the top
-        above = 0
-        for r in done:
-            color, _ = style[r["name"]]
-            y = min(ppl[r["name"]], top)
-            ax2.scatter(r["num_params"] / 1e6, y, color=color, marker="^" if y < ppl[r["name"]] else "o", s=45)
-            if y < ppl[r["name"]]:
-                above += 1
-                ax2.annotate(f"{r['name']}: {ppl[r['name']]:.0f}", (r["num_params"] / 1e6, y),
-                             xytext=(6, -10 * above), textcoords="offset points", fontsize=7)
-        if ppl[teacher["name"]] and teacher["num_params"]:
-            ax2.scatter(teacher["num_params"] / 1e6, ppl[teacher["name"]], color="black", marker="*", s=120)
-            ax2.annotate("teacher", (teacher["num_params"] / 1e6, ppl[teacher["name"]]), xytext=(5, 3),
-                         textcoords="offset points", fontsize=8)
-        ax2.set_ylim(min(values + [ppl[teacher["name"]] or values[0]]) * 0.97, top * 1.03)
         ranked = sorted(done, key=lambda r: ppl[r["name"]])
         for i, r in enumerate(ranked):
-            ax3.scatter(ppl[r["name"]], i, color=style[r["name"]][0], s=45)
-            ax3.annotate(f"{ppl[r['name']]:.1f}", (ppl[r["name"]], i), xytext=(6, -3), textcoords="offset points",
-                         fontsize=7)
-        ax3.set_yticks(range(len(ranked)), [f"{r['name']} ({r['num_params'] / 1e6:.2f}M)" for r in ranked], fontsize=7)
-        if ppl[teacher["name"]]:
-            ax3.axvline(ppl[teacher["name"]], color="black", linestyle=":", label="teacher")
+            color, marker, _ = styles[r["name"]]
+            ax3.scatter([ppl[r["name"]]], [i], color=color, marker=marker, s=MARKER_POINTS ** 2, edgecolors="black",
+                        linewidths=0.4, zorder=3)
+            ax3.annotate(f"{ppl[r['name']]:.1f}", (ppl[r["name"]], i), xytext=(7, -3), textcoords="offset points",
+                         fontsize=8)
+        ax3.set_yticks(range(len(ranked)), [f"{r['name']} ({millions(r)})" for r in ranked], fontsize=8)
+        if t_ppl:
+            ax3.axvline(t_ppl, color="black", linestyle=":", lw=1.5)
+        lo, hi = min(values) / 1.04, max(values) * 1.15            # room for the values written on the right
         ax3.set_xscale("log")
-        ax3.xaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
-        ax3.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
-        ax3.invert_yaxis()
-    where = os.path.basename(main_set) if main_set else "?"
-    ax2.set(xlabel="parameters (millions; tied embedding once, with position embeddings)",
-            ylabel=f"perplexity on {where}", title="final perplexity against size")
-    ax3.set(xlabel=f"perplexity on {where} (log scale)", title="runs ranked by final perplexity")
-    for ax in (ax2, ax3):
+        ax3.set_xlim(lo, hi)
+        label_log_axis(ax3.xaxis, lo, hi)
+        ax3.set_ylim(len(ranked) - 0.5, -0.5)                      # the best at the top
+    ax3.set(xlabel=f"perplexity on {where} (log scale; dotted: the teacher)", title="runs ranked by final perplexity")
+    for ax in (ax1, ax2, ax3):
         ax.grid(alpha=0.3)
-    fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    fig.legend(handles=handles, loc="outside lower center", ncol=ncol, fontsize=9, frameon=False)
+    fig.suptitle(title, fontsize=12)
+
+    # panel 2's runs: many share one size, and their perplexities are close, so each run of a size is
+    # moved sideways (in points, as a swarm plot does) just far enough not to cover another
+    if done:
+        fig.draw_without_rendering()                              # the layout: the axes' final size
+        lo, hi = (math.log(v) for v in ax2.get_ylim())
+        height = ax2.get_window_extent().height * 72 / fig.dpi    # points
+        same_size: dict[int, list[dict]] = {}
+        for r in done:
+            same_size.setdefault(r["num_params"], []).append(r)
+        for group in same_size.values():
+            ys = [(math.log(ppl[r["name"]]) - lo) / (hi - lo) * height for r in group]
+            for r, dx in zip(group, swarm_offsets(ys, MARKER_POINTS)):
+                color, marker, _ = styles[r["name"]]
+                shift = offset_copy(ax2.transData, fig=fig, x=dx, units="points")
+                ax2.scatter([r["num_params"] / 1e6], [ppl[r["name"]]], color=color, marker=marker, s=MARKER_POINTS ** 2,
+                            edgecolors="black", linewidths=0.4, transform=shift, zorder=3)
+    return fig
+
+
+def swarm_offsets(ys: list[float], size: float) -> list[float]:
+    """Sideways offsets for points at heights ys (in points) on one vertical line, so that no two
+    centres are closer than `size`: each point, lowest first, takes the offset nearest the line
+    (0, +size, -size, +2 size, ...) that keeps it clear of the points already placed."""
+    placed: list[tuple[float, float]] = []
+    offsets = [0.0] * len(ys)
+    for i in sorted(range(len(ys)), key=lambda i: ys[i]):
+        for k in range(2 * len(ys) + 1):          # n - 1 placed points block at most 2n - 2 of them
+            dx = (k + 1) // 2 * size * (1 if k % 2 else -1)
+            if all(math.hypot(dx - px, ys[i] - py) >= size for px, py in placed):
+                break
+        offsets[i] = dx
+        placed.append((dx, ys[i]))
+    return offsets
+
+
+def plot(records: list[dict], path: str, title: str) -> None:
+    """figure() as a PNG at path, written atomically (ImportError without matplotlib)."""
+    fig = figure(records, title)
+    storage.atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=110))
+
+
+def ordered(records: list[dict]) -> list[dict]:
+    """The teacher first, then the runs by parameter count: the order of the table, plot and legend."""
+    return [records[0]] + sorted(records[1:], key=lambda r: (r["num_params"] or 0, r["name"]))
 
 
 # -----------------------------------------------------------------------------
@@ -417,17 +531,20 @@ def run_study(path: str, overrides: list[str]) -> list[dict]:
     for p in everything:
         size = sizes.get(p["name"])
         print(f"  {p['name']:<32} {'?' if size is None else format(size, ','):>14} parameters  {p['dir']}")
+    title = " ".join([f"study {path}", *overrides])     # the plot says what it shows
     with storage.RunLock(out):           # one study per directory
-        return _run(study, teacher_plan, plans, path)
+        return _run(study, teacher_plan, plans, path, title)
 
 
-def _run(study: dict, teacher_plan: dict | None, plans: list[dict], path: str) -> list[dict]:
+def _run(study: dict, teacher_plan: dict | None, plans: list[dict], path: str, title: str) -> list[dict]:
     out, device = study["out_dir"], (teacher_plan or plans[0])["cfg"].device
     n = len(plans) + 1
     t_start = time.time()
     echo = lambda line: print("    " + line, flush=True)
+    eta = Eta([p["cfg"].max_iters for p in ([teacher_plan] if teacher_plan else []) + plans])
     # 1. the teacher: trained here, or a given model measured on the study's data
     if teacher_plan:
+        eta.start()
         summary = train_run(teacher_plan, f"[1/{n}]", echo)
         teacher_dir = teacher_plan["dir"]
         teacher_keys, teacher_model = teacher_plan["keys"], teacher_dir
@@ -442,9 +559,12 @@ def _run(study: dict, teacher_plan: dict | None, plans: list[dict], path: str) -
     evals = evaluate(teacher_model, os.path.join(teacher_dir, "eval.json"), study, device,
                      os.path.join(teacher_dir, "eval.log"), checkpoint_stamp(teacher_dir) or str(teacher_model))
     records = [record(TEACHER, teacher_keys, summary, evals, teacher=True)]
+    if teacher_plan:
+        eta.done(not summary.get("skipped"), f"[1/{n}]")
     # 2. the runs
     for i, plan in enumerate(plans, 2):
         index = f"[{i}/{n}]"
+        eta.start()
         summary = train_run(plan, index, echo)
         evals = None
         if summary["status"] == "ok":
@@ -455,11 +575,34 @@ def _run(study: dict, teacher_plan: dict | None, plans: list[dict], path: str) -
         else:
             print(f"{index} {plan['name']}: {summary['status']}", flush=True)
         records.append(record(plan["name"], plan["keys"], summary, evals))
-        write_outputs(records, study, path, time.time() - t_start)      # the results so far (all, after the last)
+        write_outputs(records, study, path, time.time() - t_start, title)   # the results so far (all, after the last)
+        eta.done(summary["status"] == "ok" and not summary.get("skipped"), index)
     failed = [r["name"] for r in records if r["status"] != "ok"]
     print(f"study done in {(time.time() - t_start) / 60:.1f} min: {out}/study.md, study.json, study.png"
           + (f"; failed: {', '.join(failed)}" if failed else ""), flush=True)
     return records
+
+
+class Eta:
+    """The time the study's remaining runs will take: their steps at the mean wall time per step
+    (training and evaluation) of the runs trained so far in this invocation."""
+
+    def __init__(self, steps: list[int]):
+        self.steps, self.index, self.seconds, self.trained = steps, 0, 0.0, 0
+
+    def start(self) -> None:
+        self.t0 = time.time()
+
+    def done(self, trained: bool, index: str) -> None:
+        """After run number self.index: count its time if it was trained (not skipped, not failed)."""
+        if trained:
+            self.seconds += time.time() - self.t0
+            self.trained += self.steps[self.index]
+        self.index += 1
+        left = self.steps[self.index:]
+        if left and self.trained:
+            eta = self.seconds / self.trained * sum(left)
+            print(f"{index} {len(left)} run(s) left, ETA {format_duration(eta)}", flush=True)
 
 
 def _teacher_probe(cfg: TrainConfig, study: dict) -> dict:
@@ -470,9 +613,9 @@ def _teacher_probe(cfg: TrainConfig, study: dict) -> dict:
             "max_iters": 0, "eval_at_start": True}
 
 
-def write_outputs(records: list[dict], study: dict, path: str, seconds: float) -> None:
+def write_outputs(records: list[dict], study: dict, path: str, seconds: float, title: str) -> None:
     out = study["out_dir"]
-    order = [records[0]] + sorted(records[1:], key=lambda r: (r["num_params"] or 0, r["name"]))
+    order = ordered(records)
     storage.write_json(records, os.path.join(out, "study.json"))
     trained = sum(r["train_seconds"] or 0 for r in records)
     text = (f"# Study {os.path.basename(path)}\n\n" + markdown(order) + "\n\n"
@@ -481,7 +624,7 @@ def write_outputs(records: list[dict], study: dict, path: str, seconds: float) -
             f"runs: {trained / 60:.1f} min; this invocation of study.py: {seconds / 60:.1f} min.\n")
     storage.atomic_write(os.path.join(out, "study.md"), lambda f: f.write(text.encode()))
     try:
-        plot(order, os.path.join(out, "study.png"), f"study {os.path.basename(path)}")
+        plot(order, os.path.join(out, "study.png"), title)
     except ImportError:
         print("note: no matplotlib, so no study.png (pip install matplotlib)", file=sys.stderr)
 
@@ -490,12 +633,34 @@ def main(argv: list[str] | None = None) -> list[dict]:
     p = argparse.ArgumentParser(prog="study.py", description=__doc__.split("\n\n")[0].strip(),
                                 formatter_class=argparse.RawDescriptionHelpFormatter,
                                 epilog=__doc__.split("\n\n", 1)[1])
-    p.add_argument("config", help="study file (Python assignments), e.g. configs/study_mini.py")
-    p.add_argument("overrides", nargs="*", metavar="--key=value", help="override a study key or a train.py key")
+    p.add_argument("config", nargs="?", help="study file (Python assignments), e.g. configs/study_mini.py")
+    p.add_argument("overrides", nargs="*", metavar="--key=value",
+                   help="override a study key, or a train.py key of every run and of the teacher")
+    p.add_argument("--replot", metavar="STUDY_JSON",
+                   help="instead of running a study: draw study.png again from STUDY_JSON (a study's study.json) "
+                        "and exit; nothing is trained")
+    p.add_argument("--title", help="with --replot: the plot's title (default: 'study STUDY_JSON')")
+    p.add_argument("--out", metavar="PNG", help="with --replot: where to write the plot (default: STUDY_JSON with "
+                                                ".png for .json, e.g. out-study-mini/study.png)")
     argv = list(sys.argv[1:] if argv is None else argv)
     if "-h" in argv or "--help" in argv or not argv:
         p.parse_args(argv or ["--help"])
+    if argv[0].split("=")[0] == "--replot":
+        args = p.parse_args(argv)
+        replot(args.replot, args.out or os.path.splitext(args.replot)[0] + ".png", args.title or f"study {args.replot}")
+        return read_json(args.replot)
     return run_study(argv[0], argv[1:])
+
+
+def replot(study_json: str, png: str, title: str) -> None:
+    """study.png again from a study.json, with this version's plot."""
+    if not os.path.isfile(study_json):
+        raise StudyError(f"--replot {study_json}: no such file")
+    records = read_json(study_json)
+    if not isinstance(records, list) or not records or not all(isinstance(r, dict) and "curve" in r for r in records):
+        raise StudyError(f"{study_json} is not a study.json (a list of run records, the teacher first)")
+    plot(ordered(records), png, title)
+    print(f"wrote {png}")
 
 
 if __name__ == "__main__":

@@ -10,7 +10,7 @@ distilled from a teacher.
 
 A config file is plain Python assignments (`batch_size = 24`); names starting with "_" are helpers
 and ignored. `--key=value` overrides a key; values are parsed with ast.literal_eval
-(`--kron_shape=(1536,384)`, `--decay_lr=False`) and fall back to a string (`--init_from=gpt2`).
+(`--kron_shape="(1536,384)"`, `--decay_lr=False`) and fall back to a string (`--init_from=gpt2`).
 Unknown keys, values of the wrong type and impossible values are errors, found before anything is
 locked, prepared or downloaded. The model keys are the GPTConfig fields (n_layer, n_embd,
 untied_head, ...) and the compression keys (mlp, kron_shape, kron_b_shape, kron_factors, kron_init,
@@ -229,6 +229,7 @@ class Trainer:
         self.ckpt_best = os.path.join(cfg.out_dir, CKPT_BEST)
         self.iter_num, self.best_val_loss, self.train_seconds = 0, float("inf"), 0.0
         self.history: list[dict] = []                   # every evaluation: iter, tokens, train, val, seconds
+        self.curve: list[dict] = []                     # every log step: iter, tokens, loss, lr
         self.result = {"losses": [], "iters": [], "evals": []}
 
     # ---------------------------------------------------------------- setup
@@ -374,6 +375,7 @@ class Trainer:
             best = load_checkpoint(self.ckpt_best, mmap=True).get("best_val_loss", self.best_val_loss)
             self.best_val_loss = min(self.best_val_loss, best)
         self.history, self.train_seconds = list(ckpt.get("history", [])), ckpt.get("train_seconds", 0.0)
+        self.curve = list(ckpt.get("curve", []))
         self.data_gen.set_state(ckpt["data_rng"])
         if self.dist.world == 1 and "torch_rng" in ckpt:
             torch.set_rng_state(ckpt["torch_rng"])
@@ -422,8 +424,20 @@ class Trainer:
             self.history.append(record)
         self.result["evals"].append({"iter": self.iter_num, **losses})
         if self.wandb_run:
-            self.wandb_run.log({"iter": self.iter_num, "train/eval_loss": losses["train"], "val/loss": losses["val"]})
+            self.wandb_run.log({"iter": self.iter_num, "train/eval_loss": losses["train"], "val/loss": losses["val"]},
+                               step=self.iter_num)
         return losses
+
+    def plot_losses(self) -> None:
+        """out_dir/loss.png: the training loss of every log step and the evaluations' train and val
+        losses against tokens, rewritten at each evaluation (atomically: a viewer never sees half)."""
+        try:
+            write_loss_plot(self.curve, self.history, os.path.join(self.cfg.out_dir, "loss.png"),
+                            f"{self.cfg.out_dir}: iteration {self.iter_num} of {self.cfg.max_iters}")
+        except ImportError:             # matplotlib is optional for training
+            if not getattr(self, "warned_plot", False):
+                self.log("note: no matplotlib, so no loss.png (pip install matplotlib)")
+                self.warned_plot = True
 
     def save(self, losses: dict | None, improved: bool, rng_state: torch.Tensor) -> None:
         """ckpt_best.pt first (when the val loss improved), then ckpt_last.pt: the best checkpoint is
@@ -431,7 +445,8 @@ class Trainer:
         extra = dict(optimizer=self.optimizer.state_dict(), scaler=self.scaler.state_dict(), iter_num=self.iter_num,
                      best_val_loss=self.best_val_loss, val_loss=losses["val"] if losses else None,
                      train_loss=losses["train"] if losses else None, config=self.stored, data_rng=rng_state,
-                     torch_rng=torch.get_rng_state(), history=self.history, train_seconds=self.train_seconds,
+                     torch_rng=torch.get_rng_state(), history=self.history, curve=self.curve,
+                     train_seconds=self.train_seconds,
                      cuda_rng=torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None)
         if improved:
             save_checkpoint(self.model, self.ckpt_best, **extra)
@@ -519,6 +534,7 @@ class Trainer:
         rng_state, offsets, X, Y = self.draw_step()
         pending: list[torch.Tensor] = []
         t_last, it_last = time.time(), self.iter_num
+        t_loop, it_loop = t_last, self.iter_num     # the ETA: mean wall time per step of this process so far
         while self.iter_num < cfg.max_iters:
             t_step = time.time()
             lr = get_lr(self.iter_num, cfg)
@@ -558,11 +574,15 @@ class Trainer:
                 t_last, it_last = now, self.iter_num
                 tok_s = self.tokens_per_iter / dt
                 mfu = f"{100 * flops_tok * tok_s / peak:.1f}%" if peak else "n/a"
+                # evaluations and checkpoints included: the ETA is when the run really ends
+                eta = (now - t_loop) / (self.iter_num - it_loop) * (cfg.max_iters - self.iter_num)
                 self.log(f"iter {self.iter_num}: loss {losses[-1]:.4f}, lr {lr:.3e}, {dt * 1000:.0f} ms/step, "
-                         f"{tok_s:,.0f} tok/s, MFU {mfu}")
+                         f"{tok_s:,.0f} tok/s, MFU {mfu}, ETA {runtime.format_duration(eta)}")
+                self.curve.append({"iter": self.iter_num, "tokens": self.iter_num * self.tokens_per_iter,
+                                   "loss": losses[-1], "lr": lr})
                 if self.wandb_run:
                     self.wandb_run.log({"iter": self.iter_num, "train/loss": losses[-1], "lr": lr,
-                                        "tok_per_s": tok_s, "step_ms": dt * 1000})
+                                        "tok_per_s": tok_s, "step_ms": dt * 1000}, step=self.iter_num)
             if is_eval:
                 losses = self.evaluate()
                 improved = losses is not None and losses["val"] < self.best_val_loss
@@ -570,6 +590,7 @@ class Trainer:
                     self.best_val_loss = losses["val"]
                 if dist.master:
                     self.save(losses, improved, rng_state)
+                    self.plot_losses()
                 t_last = time.time()                          # do not count evaluation as step time
         if self.wandb_run:
             self.wandb_run.finish()
@@ -580,7 +601,7 @@ class Trainer:
         cfg, m = self.cfg, self.model
         summary = {"out_dir": cfg.out_dir, "iter_num": self.iter_num, "max_iters": cfg.max_iters,
                    "finished": self.iter_num >= cfg.max_iters, "best_val_loss": self.best_val_loss,
-                   "history": self.history, "tokens": self.iter_num * self.tokens_per_iter,
+                   "history": self.history, "curve": self.curve, "tokens": self.iter_num * self.tokens_per_iter,
                    "train_seconds": self.train_seconds,
                    "num_params": m.num_params(), "num_params_no_wpe": m.num_params(include_wpe=False),
                    "num_params_no_head": m.num_params(include_head=False), "config": self.stored}
@@ -590,6 +611,30 @@ class Trainer:
             storage.write_json(summary, os.path.join(cfg.out_dir, RUN_JSON))
         self.result.update(best_val_loss=self.best_val_loss, iter_num=self.iter_num, model=m, summary=summary)
         return self.result
+
+
+def write_loss_plot(curve: list[dict], history: list[dict], path: str, title: str) -> None:
+    """A PNG of the training loss at every log step (a line) and the evaluations' train and val
+    losses (markers) against tokens; every point inside the axes. ImportError without matplotlib."""
+    # a bare Figure draws with Agg, needs no display and leaves pyplot's global state alone
+    from matplotlib.figure import Figure
+    from matplotlib.ticker import EngFormatter
+    fig = Figure(figsize=(8, 5))
+    ax = fig.subplots()
+    if curve:
+        ax.plot([c["tokens"] for c in curve], [c["loss"] for c in curve], color="tab:blue", lw=0.8, alpha=0.6,
+                label="train loss (each log step)")
+    if history:
+        tokens = [h["tokens"] for h in history]
+        ax.plot(tokens, [h["train"] for h in history], "s--", color="tab:blue", ms=4, label="train loss (evaluation)")
+        ax.plot(tokens, [h["val"] for h in history], "o-", color="tab:orange", ms=4, label="val loss (evaluation)")
+    ax.xaxis.set_major_formatter(EngFormatter(sep=""))     # 250k, 1.5M, 2G tokens
+    ax.set(xlabel="tokens trained", ylabel="loss", title=title)
+    ax.grid(alpha=0.3)
+    if curve or history:
+        ax.legend(loc="upper right")
+    fig.tight_layout()
+    storage.atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=100))
 
 
 def peak_memory() -> dict:

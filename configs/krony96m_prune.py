@@ -3,7 +3,7 @@
 # INPUT of c_fc, and (transposed, B = (2, 1)) every other residual-stream OUTPUT of c_proj. This is
 # what the paper's section 3.1 and its original code use (the code slices fc[0::2] and proj[:, 0::2]
 # on Hugging Face's Conv1D layout). The paper's Table 1 lists the other orientation of the same size,
-# A = (1536, 768), B = (2, 1), which keeps every other HIDDEN unit instead: --kron_shape=(1536,768).
+# A = (1536, 768), B = (2, 1), which keeps every other HIDDEN unit instead: --kron_shape="(1536,768)".
 # Both have 1,179,650 parameters per matrix, 96,128,304 in all.
 # B = [1, prune_b_second]: the paper's text says [1, 0.1] (the key's default); the original code
 # used [1, 0], which this config follows to reproduce the published setup.

@@ -13,8 +13,8 @@
 # Expect the loss to fall from ~10.8 (uniform over 50257 tokens) to ~6 within 300 steps.
 #
 # To start from the real GPT-2 instead (needs the hub or a local copy; slow on CPU):
-#   python train.py configs/quickstart.py --init_from=gpt2 --kron_shape=(1536,384) \
-#       --learning_rate=6e-5 --min_lr=6e-6 --block_size=128 --batch_size=4
+#   python train.py configs/quickstart.py --init_from=gpt2 --kron_shape="(1536,384)" \
+#       --learning_rate=6e-5 --min_lr=6e-6 --block_size=128 --batch_size=4 --out_dir=out-quickstart-gpt2
 # (init_from=gpt2 takes n_layer/n_head/n_embd from GPT-2, compresses its MLPs with vl-norm
 #  and prints the per-layer approximation error; init_from=DIR takes a local HF directory.)
 

@@ -628,7 +628,7 @@ def test_another_run_in_the_out_dir_is_refused_the_same_one_resumes(tmp_path, da
         run(data_dir, out, **kw)
     monkeypatch.undo()
     files = checkpoint_files(out)
-    assert sorted(files) == list(CHECKPOINTS)
+    assert sorted(files) == [*CHECKPOINTS, "loss.png"]                # loss.png of iteration 2
     # a new run of another config in that out_dir: refused, naming the run, what differs and the ways out
     with pytest.raises(train.TrainError) as e:
         run(data_dir, out, **{**kw, "learning_rate": 1e-3, "batch_size": 2})
@@ -843,7 +843,7 @@ def test_a_disk_that_really_fills_up(tmp_path, data_dir, small_disk):
     with pytest.raises(storage.DiskFull, match=re.escape(f"no space left on the device while writing "
                                                          f"{out / 'ckpt_best.pt'}; the previous version")):
         run(data_dir, out, **kw)
-    assert sorted(os.listdir(out)) == [storage.RunLock.NAME, *CHECKPOINTS]       # no temp file
+    assert sorted(os.listdir(out)) == [storage.RunLock.NAME, *CHECKPOINTS, "loss.png"]      # no temp file
     assert_checkpoints_consistent(out, 2, 2)
     resize(4 * size)                      # space again: the same command resumes
     res = run(data_dir, out, **kw)

@@ -186,3 +186,116 @@ def test_study_presets_resolve(tmp_path):
         spec, common = study.load_study(path, [f"--out_dir={str(tmp_path / name)!r}"])
         teacher, plans = study.plan_runs(spec, common, path)
         assert len(plans) >= 8 and len({p["dir"] for p in plans}) == len(plans)
+
+
+# ----------------------------------------------------------------------------- the plot, the budget, the ETA
+
+def fake_records(n=20):
+    """A teacher and n runs as study.json holds them, sizes shared by several runs, one run failed,
+    starting losses far above the rest (as a model from scratch has)."""
+    import math
+    ev = lambda loss, size: [{"dataset": "data/x/val.bin", "ppl": math.exp(loss), "num_params": size}]
+    records = [{"name": "teacher", "keys": {}, "status": "ok", "num_params": 124_000_000, "val_loss_start": 3.1,
+                "val_loss": 3.1, "curve": [], "eval": ev(3.1, 124_000_000), "tokens": 0}]
+    for i in range(n):
+        size = (81_000_000, 96_000_000, 67_000_000, 92_000_000)[i % 4]
+        start, end = 3.3 + (8.0 if i % 7 == 0 else 0.1 * i), 3.15 + 0.01 * i
+        curve = [[t * 1_000_000, end + (start - end) * math.exp(-t)] for t in range(6)]
+        failed = i == 5
+        records.append({"name": f"run {i}", "keys": {}, "status": "failed (exit 1)" if failed else "ok",
+                        "num_params": size, "val_loss_start": start, "val_loss": end, "curve": curve[:2 if failed else 6],
+                        "eval": [] if failed else ev(end + 0.02, size), "tokens": 5_000_000})
+    return records
+
+
+def test_plot_of_twenty_runs_tells_every_run_apart_and_shows_every_point(tmp_path):
+    records = study.ordered(fake_records())
+    names = [r["name"] for r in records[1:]]
+    styles = study.run_styles(names)
+    assert len(set(styles.values())) == len(names) == 20
+    fig = study.figure(records, "study fake.py --max_iters=20")
+    fig.draw_without_rendering()
+    loss, size, ranked = fig.axes
+    # the loss panel: one line per run with its style, every point inside the limits
+    lines = [l for l in loss.get_lines() if l.get_color() != "black"]              # black: the teacher's line
+    assert len(lines) == 20 and len({(l.get_color(), l.get_marker(), l.get_linestyle()) for l in lines}) == 20
+    for l in loss.get_lines():
+        for x, y in zip(l.get_xdata(), l.get_ydata()):
+            assert loss.get_xlim()[0] <= x <= loss.get_xlim()[1] and loss.get_ylim()[0] <= y <= loss.get_ylim()[1]
+    # the size and ranked panels: every run that has a perplexity (19, one failed) and the teacher
+    for ax, expected in ((size, 19 + 1), (ranked, 19)):
+        points = [p for c in ax.collections for p in c.get_offsets()]
+        assert len(points) == expected
+        (x0, x1), (y0, y1) = ax.get_xlim(), sorted(ax.get_ylim())
+        assert all(x0 <= x <= x1 and y0 <= y <= y1 for x, y in points)
+    # panel 2's points: nowhere two drawn on top of each other
+    drawn = [c.get_offset_transform().transform(c.get_offsets())[0] for c in size.collections]
+    assert min(((a - b) ** 2).sum() ** 0.5 for i, a in enumerate(drawn) for b in drawn[:i]) > 5
+    # labelled ticks on every axis, the log ones included; one legend entry per run and the teacher
+    for ax in fig.axes:
+        for axis in (ax.xaxis, ax.yaxis):
+            labels = [t.get_text() for t in axis.get_ticklabels() if t.get_text()]
+            assert len(labels) >= 2, (ax.get_title(), labels)
+    legend = [t.get_text() for t in fig.legends[0].get_texts()]
+    assert len(legend) == 21 and "run 5 (96.00M) - failed" in legend
+    assert fig._suptitle.get_text() == "study fake.py --max_iters=20"
+    png = tmp_path / "study.png"
+    study.plot(records, str(png), "study fake.py")
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_swarm_offsets_keep_points_apart():
+    ys = [0.0, 1.0, 2.0, 2.5, 30.0, 3.0]
+    xs = study.swarm_offsets(ys, 7.5)
+    assert xs[4] == 0.0 and xs[0] == 0.0                      # a point with room stays on its line
+    for i in range(len(ys)):
+        for j in range(i):
+            assert ((xs[i] - xs[j]) ** 2 + (ys[i] - ys[j]) ** 2) ** 0.5 >= 7.5
+
+
+def test_replot_draws_study_png_from_study_json(tmp_path, capsys):
+    path = tmp_path / "study.json"
+    path.write_text(json.dumps(fake_records(3)))
+    study.main(["--replot", str(path)])
+    assert (tmp_path / "study.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    with pytest.raises(study.StudyError, match="no such file"):
+        study.main(["--replot", str(tmp_path / "nothing.json")])
+
+
+def test_command_line_budget_applies_to_the_teacher_too(tmp_path, data_dir, monkeypatch):
+    """`--max_iters=2` on the command line: the teacher (whose dict sets max_iters=30) and every run
+    train 2 steps; the study file's other keys stay."""
+    spec, common = study.load_study(study_file(tmp_path, data_dir), ["--max_iters=2", "--eval_interval=1"])
+    teacher, plans = study.plan_runs(spec, common, "study.py")
+    assert [p["cfg"].max_iters for p in [teacher] + plans] == [2] * 4
+    assert teacher["cfg"].learning_rate == 3e-3 and plans[0]["cfg"].learning_rate == 1e-3
+    # through the CLI: the command study.py starts for the teacher (failing here, so nothing else runs)
+    commands = []
+
+    def fake_run(cmd, log_path, echo):
+        commands.append(cmd)
+        return 1
+    monkeypatch.setattr(study, "run_logged", fake_run)
+    with pytest.raises(study.StudyError, match="the teacher failed"):
+        study.main([study_file(tmp_path, data_dir), "--max_iters=2"])
+    assert len(commands) == 1 and "--max_iters=2" in commands[0] and "--learning_rate=0.003" in commands[0]
+
+
+def test_eta_of_the_runs_left(monkeypatch, capsys):
+    now = [100.0]
+    monkeypatch.setattr(study.time, "time", lambda: now[0])
+    eta = study.Eta([100, 20, 20, 40])
+    eta.start()
+    now[0] += 50.0                                         # the teacher: 100 steps in 50 s
+    eta.done(True, "[1/4]")
+    assert capsys.readouterr().out == "[1/4] 3 run(s) left, ETA 40s\n"
+    eta.start()
+    eta.done(False, "[2/4]")                               # skipped: no time, no steps
+    assert capsys.readouterr().out == "[2/4] 2 run(s) left, ETA 30s\n"
+    eta.start()
+    now[0] += 70.0                                         # 120 steps in 120 s
+    eta.done(True, "[3/4]")
+    assert capsys.readouterr().out == "[3/4] 1 run(s) left, ETA 40s\n"
+    eta.start()
+    eta.done(True, "[4/4]")
+    assert capsys.readouterr().out == ""

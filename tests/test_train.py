@@ -1,6 +1,7 @@
 """train.py end to end on CPU with tiny models and tiny data: loss drops, checkpoints,
 exact resume, gradient accumulation, DDP (gloo), configs, and clear errors for bad input."""
 import glob
+import json
 import os
 import subprocess
 import sys
@@ -11,6 +12,7 @@ import torch
 
 from data import TokenData
 import config
+import runtime
 import train
 from conftest import ROOT, VOCAB, argv, kron_run, run, scratch, sha   # and the fixtures data_dir, hf_dir
 from checkpoints import from_checkpoint, load_checkpoint
@@ -45,6 +47,11 @@ def test_resume_continues_the_same_curve(data_dir, hf_dir, tmp_path):
                        decay_lr=True, warmup_iters=3, lr_decay_iters=2 * n, min_lr=3e-4, init_from="resume")
     assert resumed["iters"] == list(range(n + 1, 2 * n + 1))
     np.testing.assert_allclose(resumed["losses"], full["losses"][n:], rtol=1e-6, atol=0)
+    # the logged curve of run.json: the resumed run's is the uninterrupted one's, both halves
+    curves = [json.loads((tmp_path / d / "run.json").read_text())["curve"] for d in ("full", "half")]
+    assert [(c["iter"], c["tokens"], c["lr"]) for c in curves[1]] == [(c["iter"], c["tokens"], c["lr"])
+                                                                       for c in curves[0]]
+    np.testing.assert_allclose([c["loss"] for c in curves[1]], [c["loss"] for c in curves[0]], rtol=1e-6, atol=0)
     for a, b in zip(resumed["model"].parameters(), full["model"].parameters()):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 
@@ -214,6 +221,57 @@ def test_wandb_offline_logging(data_dir, tmp_path, monkeypatch):
                                               wandb_run_name="tiny"))
     runs = glob.glob(str(tmp_path / "out" / "wandb" / "offline-run-*"))
     assert len(runs) == 1 and glob.glob(os.path.join(runs[0], "*.wandb"))
+
+
+def test_run_json_curve_and_loss_png(data_dir, tmp_path):
+    """The training loss and learning rate of every log step (and at each evaluation) in run.json,
+    and out_dir/loss.png, a PNG rewritten at each evaluation."""
+    out = tmp_path / "out"
+    res = run(data_dir, out, **scratch(max_iters=20, eval_interval=10, log_interval=3, decay_lr=True, warmup_iters=4,
+                                       lr_decay_iters=20, min_lr=3e-4))
+    summary = json.loads((out / "run.json").read_text())
+    cfg = train.TrainConfig(**{k: v for k, v in summary["config"].items() if k in train.TRAIN_KEYS})
+    iters = [3, 6, 9, 10, 12, 15, 18, 20]                     # every third step, and the evaluations
+    assert [c["iter"] for c in summary["curve"]] == iters
+    assert [c["tokens"] for c in summary["curve"]] == [i * 4 * 32 for i in iters]
+    # lr of the step that ended there (step i runs at get_lr(i - 1)); the loss is that step's
+    assert [c["lr"] for c in summary["curve"]] == [train.get_lr(i - 1, cfg) for i in iters]
+    assert [c["loss"] for c in summary["curve"]] == [res["losses"][i - 1] for i in iters]
+    png = (out / "loss.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
+    assert not [f for f in os.listdir(out) if f.startswith(".tmp-")]
+
+
+class FakeWandb:
+    """A stand-in for the wandb module: records every log call."""
+
+    def __init__(self):
+        self.calls = []
+
+    def init(self, **kw):
+        return self
+
+    def log(self, data, step=None):
+        self.calls.append((data, step))
+
+    def finish(self):
+        pass
+
+
+def test_wandb_logs_with_the_iteration_as_step(data_dir, tmp_path, monkeypatch):
+    fake = FakeWandb()
+    monkeypatch.setitem(sys.modules, "wandb", fake)
+    run(data_dir, tmp_path / "out", **scratch(max_iters=4, eval_interval=2, log_interval=1, wandb_log=True,
+                                              eval_at_start=True))
+    assert {"train/loss", "val/loss"} <= {k for data, _ in fake.calls for k in data}
+    assert all(step is not None and step == data["iter"] for data, step in fake.calls)
+    steps = [step for _, step in fake.calls]
+    assert steps == sorted(steps) and steps[0] == 0 and steps[-1] == 4    # wandb needs them non-decreasing
+
+
+def test_format_duration():
+    assert [runtime.format_duration(s) for s in (0, 9.4, 59.6, 61, 3599, 3600, 11_100, 200_000)] == \
+        ["0s", "9s", "1m00s", "1m01s", "59m59s", "1h00m", "3h05m", "55h33m"]
 
 
 def test_flops_per_token_counts_factored_macs():
