@@ -1,6 +1,7 @@
 """
-Where and in what precision the scripts run: the device, the dtype, the autocast context; and how a
-script reports a user's mistake. One place, so train.py, eval_ppl.py, sample.py, study.py and
+Where and in what precision the scripts run: the device, the dtype, the autocast context, the
+processes of a torchrun job and what they peak at; and how a script reads its options and reports
+a user's mistake. One place, so train.py, eval_ppl.py, sample.py, study.py and
 bench.py agree.
 
 dtype names: "auto" (bfloat16 on a CUDA GPU that has it, else float32), "float32",
@@ -12,13 +13,19 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import os
 import sys
+from dataclasses import dataclass
+from typing import Optional
 from typing import Callable
 
 import torch
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 DEVICE_HELP = "auto, cpu, cuda, cuda:N or mps"
+# bf16 dense peak FLOP/s by GPU name, for the MFU a training log shows
+PEAK_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40": 181e12, "A10": 125e12,
+              "V100": 125e12, "4090": 165e12, "3090": 71e12}
 
 
 def pick_device(name: str = "auto", local_rank: int | None = None) -> torch.device:
@@ -116,6 +123,57 @@ class ArgumentParser(argparse.ArgumentParser):
             return arg
         key = "--" + name[2:].replace("-", "_")
         return key + eq + value if key in self._option_string_actions else arg
+
+
+@dataclass
+class Distributed:
+    """This process's place in a torchrun job; one process alone is rank 0 of 1."""
+    ddp: bool = False
+    rank: int = 0
+    local_rank: Optional[int] = None
+    world: int = 1
+
+    @classmethod
+    def from_env(cls) -> "Distributed":
+        if int(os.environ.get("RANK", -1)) == -1:
+            return cls()
+        return cls(True, int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"]), int(os.environ["WORLD_SIZE"]))
+
+    @property
+    def master(self) -> bool:
+        return self.rank == 0
+
+    def barrier(self) -> None:
+        if self.ddp:
+            torch.distributed.barrier()
+
+    def mean(self, t: torch.Tensor) -> torch.Tensor:
+        if self.ddp:
+            torch.distributed.all_reduce(t)
+            t /= self.world
+        return t
+
+
+def peak_flops(given: float, device: torch.device) -> float | None:
+    """The accelerator's peak FLOP/s for MFU: `given` when > 0, else looked up by the GPU's name
+    (an A100's bf16 peak when unknown); None on a CPU."""
+    if given > 0:
+        return given
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((v for k, v in PEAK_FLOPS.items() if k in name), 312e12)
+
+
+
+def peak_memory() -> dict:
+    """This process's peak memory so far: what the GPU allocated (torch.cuda.max_memory_allocated),
+    else the peak resident set size (ru_maxrss, the Python and torch runtime included)."""
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        return {"peak_memory_mb": torch.cuda.max_memory_allocated() / 2**20, "peak_memory_of": "cuda allocated"}
+    import resource
+    kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / (1024 if sys.platform == "darwin" else 1)
+    return {"peak_memory_mb": kb / 1024, "peak_memory_of": "process rss"}
 
 
 def format_duration(seconds: float) -> str:

@@ -48,8 +48,7 @@ import math
 import os
 import sys
 import time
-from dataclasses import dataclass, fields
-from typing import Optional
+from dataclasses import fields
 
 import torch
 
@@ -65,10 +64,9 @@ from config import (DIMENSIONS, FIXED_ON_RESUME, MODEL_DEFAULTS, MODEL_HELP, MOD
 from distill import distill_kl, hidden_mse
 from kronecker import KronLinear
 from model import GPT
+from plots import write_loss_plot
 
 REPO = os.path.dirname(os.path.abspath(__file__))
-PEAK_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40": 181e12, "A10": 125e12,
-              "V100": 125e12, "4090": 165e12, "3090": 71e12}
 EVAL_SEED = 1338                # the evaluation batches' own seed
 
 
@@ -178,51 +176,13 @@ def flops_per_token(model: GPT, seq_len: int) -> float:
     return 6.0 * model.macs_per_token(seq_len)
 
 
-def peak_flops(cfg: TrainConfig, device: torch.device) -> float | None:
-    if cfg.peak_flops > 0:
-        return cfg.peak_flops
-    if device.type != "cuda":
-        return None
-    name = torch.cuda.get_device_name(device)
-    return next((v for k, v in PEAK_FLOPS.items() if k in name), 312e12)
-
-
 # -----------------------------------------------------------------------------
 # The run
-
-@dataclass
-class Distributed:
-    """This process's place in a torchrun job; one process alone is rank 0 of 1."""
-    ddp: bool = False
-    rank: int = 0
-    local_rank: Optional[int] = None
-    world: int = 1
-
-    @classmethod
-    def from_env(cls) -> "Distributed":
-        if int(os.environ.get("RANK", -1)) == -1:
-            return cls()
-        return cls(True, int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"]), int(os.environ["WORLD_SIZE"]))
-
-    @property
-    def master(self) -> bool:
-        return self.rank == 0
-
-    def barrier(self) -> None:
-        if self.ddp:
-            torch.distributed.barrier()
-
-    def mean(self, t: torch.Tensor) -> torch.Tensor:
-        if self.ddp:
-            torch.distributed.all_reduce(t)
-            t /= self.world
-        return t
-
 
 class Trainer:
     """One training run: setup, restore (or start), then the loop with evaluation and checkpoints."""
 
-    def __init__(self, cfg: TrainConfig, dist: Distributed):
+    def __init__(self, cfg: TrainConfig, dist: runtime.Distributed):
         self.cfg, self.dist = cfg, dist
         self.log = print if dist.master else (lambda *a, **k: None)
         self.ckpt_last = os.path.join(cfg.out_dir, CKPT_LAST)
@@ -525,7 +485,7 @@ class Trainer:
             import wandb
             self.wandb_run = wandb.init(project=cfg.wandb_project, name=cfg.wandb_run_name or None,
                                         config=self.stored, dir=cfg.out_dir, mode=cfg.wandb_mode or None)
-        flops_tok, peak = flops_per_token(self.model, T), peak_flops(cfg, self.device)
+        flops_tok, peak = flops_per_token(self.model, T), runtime.peak_flops(cfg.peak_flops, self.device)
         self.log(f"tokens per iteration: {self.tokens_per_iter:,} ({cfg.gradient_accumulation_steps} micro-steps x {B} "
                  f"x {T}, {dist.world} process(es)); {flops_tok / 1e9:.3f} GFLOPs per token")
 
@@ -606,48 +566,14 @@ class Trainer:
                    "num_params": m.num_params(), "num_params_no_wpe": m.num_params(include_wpe=False),
                    "num_params_no_head": m.num_params(include_head=False), "config": self.stored}
         summary["tokens_per_s"] = summary["tokens"] / self.train_seconds if self.train_seconds else None
-        summary.update(peak_memory())
+        summary.update(runtime.peak_memory())
         if self.dist.master:
             storage.write_json(summary, os.path.join(cfg.out_dir, RUN_JSON))
         self.result.update(best_val_loss=self.best_val_loss, iter_num=self.iter_num, model=m, summary=summary)
         return self.result
 
 
-def write_loss_plot(curve: list[dict], history: list[dict], path: str, title: str) -> None:
-    """A PNG of the training loss at every log step (a line) and the evaluations' train and val
-    losses (markers) against tokens; every point inside the axes. ImportError without matplotlib."""
-    # a bare Figure draws with Agg, needs no display and leaves pyplot's global state alone
-    from matplotlib.figure import Figure
-    from matplotlib.ticker import EngFormatter
-    fig = Figure(figsize=(8, 5))
-    ax = fig.subplots()
-    if curve:
-        ax.plot([c["tokens"] for c in curve], [c["loss"] for c in curve], color="tab:blue", lw=0.8, alpha=0.6,
-                label="train loss (each log step)")
-    if history:
-        tokens = [h["tokens"] for h in history]
-        ax.plot(tokens, [h["train"] for h in history], "s--", color="tab:blue", ms=4, label="train loss (evaluation)")
-        ax.plot(tokens, [h["val"] for h in history], "o-", color="tab:orange", ms=4, label="val loss (evaluation)")
-    ax.xaxis.set_major_formatter(EngFormatter(sep=""))     # 250k, 1.5M, 2G tokens
-    ax.set(xlabel="tokens trained", ylabel="loss", title=title)
-    ax.grid(alpha=0.3)
-    if curve or history:
-        ax.legend(loc="upper right")
-    fig.tight_layout()
-    storage.atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=100))
-
-
-def peak_memory() -> dict:
-    """This process's peak memory so far: what the GPU allocated (torch.cuda.max_memory_allocated),
-    else the peak resident set size (ru_maxrss, the Python and torch runtime included)."""
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        return {"peak_memory_mb": torch.cuda.max_memory_allocated() / 2**20, "peak_memory_of": "cuda allocated"}
-    import resource
-    kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / (1024 if sys.platform == "darwin" else 1)
-    return {"peak_memory_mb": kb / 1024, "peak_memory_of": "process rss"}
-
-
-def prepare_data(cfg: TrainConfig, dist: Distributed, log) -> data.TokenData:
+def prepare_data(cfg: TrainConfig, dist: runtime.Distributed, log) -> data.TokenData:
     """TokenData of data_dir; prepares it first (on rank 0) when data_prepare says how and it is missing."""
     data_dir = cfg.data_dir
     if cfg.data_prepare and not os.path.isfile(os.path.join(data_dir, "meta.json")):
@@ -680,7 +606,7 @@ def train(cfg: TrainConfig) -> dict:
     """Run training as `cfg` says. Returns {"losses": train loss of each step run (global mean over
     processes), "iters": their iteration numbers, "evals": [{"iter", "train", "val"}],
     "best_val_loss", "iter_num", "model": the trained (unwrapped) model, "summary": run.json}."""
-    dist = Distributed.from_env()
+    dist = runtime.Distributed.from_env()
     trainer = Trainer(cfg, dist)
     try:
         result = trainer.run()

@@ -9,6 +9,7 @@ import time
 
 import pytest
 
+import plots
 import study
 from conftest import ROOT, write_tiny_tokens
 
@@ -211,9 +212,9 @@ def fake_records(n=20):
 def test_plot_of_twenty_runs_tells_every_run_apart_and_shows_every_point(tmp_path):
     records = study.ordered(fake_records())
     names = [r["name"] for r in records[1:]]
-    styles = study.run_styles(names)
+    styles = plots.run_styles(names)
     assert len(set(styles.values())) == len(names) == 20
-    fig = study.figure(records, "study fake.py --max_iters=20")
+    fig = plots.figure(records, "study fake.py --max_iters=20")
     fig.draw_without_rendering()
     loss, size, ranked = fig.axes
     # the loss panel: one line per run with its style, every point inside the limits
@@ -240,13 +241,13 @@ def test_plot_of_twenty_runs_tells_every_run_apart_and_shows_every_point(tmp_pat
     assert len(legend) == 21 and "run 5 (96.00M) - failed" in legend
     assert fig._suptitle.get_text() == "study fake.py --max_iters=20"
     png = tmp_path / "study.png"
-    study.plot(records, str(png), "study fake.py")
+    plots.plot(records, str(png), "study fake.py")
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_swarm_offsets_keep_points_apart():
     ys = [0.0, 1.0, 2.0, 2.5, 30.0, 3.0]
-    xs = study.swarm_offsets(ys, 7.5)
+    xs = plots.swarm_offsets(ys, 7.5)
     assert xs[4] == 0.0 and xs[0] == 0.0                      # a point with room stays on its line
     for i in range(len(ys)):
         for j in range(i):
