@@ -52,7 +52,7 @@ def shape_pair(shape, what: str = "kron_shape", sides: str = "(m1, n1)", where: 
     except (TypeError, ValueError):
         pair, whole = (), False
     if len(pair) != 2 or not whole or (positive and min(pair) < 1):
-        raise ValueError(f"{where}{what}={shape!r} must be a pair {sides} of positive integers, e.g. (2, 2)")
+        raise ValueError(f"{where}{what}={shape!r} must be a pair of positive integers {sides}, e.g. (2, 2)")
     return pair
 
 

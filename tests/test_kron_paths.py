@@ -202,6 +202,7 @@ def compiler_available() -> str | None:
     return None
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(compiler_available() is not None, reason=str(compiler_available()))
 @pytest.mark.parametrize("path", KRON_PATHS)
 @pytest.mark.parametrize("lead", [(2, 7), (1, 1)], ids=["batch", "one-token"])   # both sides of FEW_ROWS
@@ -249,6 +250,7 @@ def weight_gradient_error(layer: KronLinear, reference64: KronLinear, x: torch.T
     return ((dA.double() - dA_ref).norm() / dA_ref.norm()).item()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("path", ["a_first_bmm", "b_first_bmm"])
 def test_bf16_weight_gradient_does_not_degrade_with_rows(path):
     """dA on the bmm paths sums one small product per input row (summed_products). Its running

@@ -201,7 +201,7 @@ def test_bad_shapes_say_what_to_do():
 
 @pytest.mark.parametrize("shape", [(3072, 768, 1), (16,), 5, "ab"])
 def test_a_kron_shape_that_is_not_a_pair_is_a_clear_error(shape):
-    pair = r"kron_shape=.* must be a pair \(m1, n1\) of positive integers"
+    pair = r"kron_shape=.* must be a pair of positive integers \(m1, n1\)"
     with pytest.raises(ValueError, match=pair):
         KronLinear(768, 3072, shape)
     with pytest.raises(ValueError, match=pair):
@@ -210,7 +210,7 @@ def test_a_kron_shape_that_is_not_a_pair_is_a_clear_error(shape):
         kron_decompose(torch.randn(32, 8), shape)
     with pytest.raises(ValueError, match=pair):
         vl_rearrange(torch.randn(32, 8), shape)
-    with pytest.raises(ValueError, match=r"B shape=.* must be a pair \(m2, n2\) of positive integers"):
+    with pytest.raises(ValueError, match=r"B shape=.* must be a pair of positive integers \(m2, n2\)"):
         a_shape_for((3072, 768), shape)
 
 
