@@ -142,6 +142,7 @@ def test_swapped_mlp_makes_no_copy_of_the_hidden_activation():
     assert len(activation_copies(step, hidden)) >= 2
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(compiler_available() is not None, reason=str(compiler_available()))
 def test_swapped_mlp_compiles_without_graph_breaks():
     torch._dynamo.reset()
