@@ -29,12 +29,17 @@ The work itself lives in data.py (data.prepare); this file is its command line.
 """
 from __future__ import annotations
 
+import storage  # first: stdlib only, so that Ctrl-C while torch loads is one line
+
+if __name__ == "__main__":
+    storage.exit_quietly_on_ctrl_c()
+
 import argparse
 import os
 import sys
 
-from data import OWT, TXT_DOCS, DataError, prepare
-from storage import DiskFull
+from data import OWT, TXT_DOCS, DataError, prepare, record_checksums
+from storage import DiskFull, UnusableDirectory, unusable_directory
 
 
 class ExitError(SystemExit):
@@ -69,13 +74,23 @@ def main(argv: list[str] | None = None) -> None:
                         "file, or line")
     p.add_argument("--seed", type=int, default=2357, help="seed of the random validation split")
     p.add_argument("--overwrite", action="store_true", help="redo a finished output")
+    p.add_argument("--record-checksums", action="store_true",
+                   help="add the whole-file checksums to the meta.json of an --out an older version prepared, "
+                        "after checking the files' sizes, header checksums and token ids (nothing is tokenised)")
     args = p.parse_args(argv)
     try:
-        prepare(args.dataset, args.out, args.text_column, args.split, args.config, args.val_fraction,
-                args.num_proc, args.txt_docs, args.seed, args.overwrite)
-    except (DataError, DiskFull) as e:
+        if args.record_checksums:
+            record_checksums(args.out)
+        else:
+            prepare(args.dataset, args.out, args.text_column, args.split, args.config, args.val_fraction,
+                    args.num_proc, args.txt_docs, args.seed, args.overwrite)
+    except (DataError, DiskFull, OSError) as e:
+        if isinstance(e, OSError) and not isinstance(e, (DiskFull, UnusableDirectory)):
+            e = unusable_directory(e, args.out, "--out")          # it cannot be created or written
         message = f"error: {e}"
         print(message, file=sys.stderr)
+        if isinstance(e, DiskFull) or getattr(e, "machine", False):
+            raise SystemExit(1) from None       # the machine's fault (a full disk, a read-only mount)
         raise ExitError(message) from None
     except KeyboardInterrupt:
         print(f"interrupted: {args.out} is as it was before this run", file=sys.stderr)
@@ -83,6 +98,7 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
+    storage.restore_ctrl_c()
     try:
         main()
     except KeyboardInterrupt:

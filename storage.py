@@ -43,6 +43,58 @@ def _disk_full(e: BaseException, path: str) -> BaseException:
     return e
 
 
+class UnusableDirectory(OSError):
+    """An output directory that cannot be created or written. `machine` is True where the machine
+    is at fault (a read-only mount, an I/O error: exit code 1), False where the path is (a file in
+    the way, no permission: a mistake, exit code 2)."""
+
+    machine = False
+
+    def __str__(self) -> str:
+        return self.strerror
+
+
+MACHINE_ERRNOS = (errno.EROFS, errno.EIO, errno.ENOSPC, errno.EDQUOT)
+
+
+def unusable_directory(e: OSError, path: str, what: str = "the output directory") -> UnusableDirectory:
+    """One clear line for an OSError met while creating or locking the directory `path`."""
+    if e.errno == errno.EROFS:
+        text = f"{what} {path} is on a read-only file system; choose a writable place (or remount it read-write)"
+    elif e.errno in (errno.EACCES, errno.EPERM):
+        text = f"{what} {path} cannot be written: permission denied ({e.filename}); choose another place"
+    elif e.errno in (errno.ENOTDIR, errno.EEXIST):
+        text = f"{what} {path} cannot be a directory: a part of that path is a file ({e.filename})"
+    else:
+        text = f"{what} {path} cannot be created or written ({e.strerror}: {e.filename})"
+    err = UnusableDirectory(e.errno, text)
+    err.machine = e.errno in MACHINE_ERRNOS
+    return err
+
+
+def exit_quietly_on_ctrl_c(message: str = "interrupted") -> None:
+    """Until main() runs, make Ctrl-C end the process at once with one line and exit code 130,
+    not a KeyboardInterrupt traceback from inside an import (torch alone loads for seconds);
+    nothing is written before main(), so there is nothing to clean up. A script calls this at its
+    top, before its heavy imports; runtime.run_cli (or the script) restores Python's handler."""
+    import signal
+    import sys
+
+    def stop(signum, frame):
+        sys.stderr.write(f"{message}\n")
+        sys.stderr.flush()
+        os._exit(130)
+    signal.signal(signal.SIGINT, stop)
+
+
+def restore_ctrl_c() -> None:
+    """Python's own Ctrl-C again (KeyboardInterrupt), for main()'s cleanup and messages."""
+    import signal
+    import threading
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+
+
 def fsync_dir(directory: str) -> None:
     """Make a rename inside `directory` durable (a no-op where directories cannot be opened)."""
     with contextlib.suppress(OSError):

@@ -39,6 +39,11 @@ names it. A failing run is reported and the others go on.
 """
 from __future__ import annotations
 
+import storage  # first: stdlib only, so that Ctrl-C while torch loads is one line
+
+if __name__ == "__main__":
+    storage.exit_quietly_on_ctrl_c()
+
 import argparse
 import json
 import math
@@ -51,9 +56,9 @@ import time
 
 import torch
 
-import storage
 from config import (ConfigError, TrainConfig, TrainError, config_diff, config_from, format_diff,
                     load_config_file, parse_override, to_overrides)
+from data import EVAL_DATASETS
 from model import GPT, load_checkpoint, resolve_model, source_config
 
 REPO = os.path.dirname(os.path.abspath(__file__))
@@ -92,6 +97,14 @@ def load_study(path: str, overrides: list[str]) -> tuple[dict, list[tuple[str, o
     for k in ("eval_data_files", "eval_datasets"):
         if not isinstance(study[k], (list, tuple)):
             raise StudyError(f"{k}={study[k]!r} must be a list")
+    # what eval_ppl.py would refuse after every run has trained: refused now
+    unknown = [d for d in study["eval_datasets"] if not isinstance(d, str) or d not in EVAL_DATASETS]
+    if unknown:
+        raise StudyError(f"eval_datasets: unknown data set(s) {', '.join(map(repr, unknown))}; choose from "
+                         f"{', '.join(EVAL_DATASETS)}, or score a local file with eval_data_files")
+    missing = [f for f in study["eval_data_files"] if not isinstance(f, str) or not os.path.isfile(f)]
+    if missing:
+        raise StudyError(f"eval_data_files: no such file {', '.join(map(repr, missing))}")
     return study, common
 
 
@@ -439,6 +452,9 @@ def _run(study: dict, teacher_plan: dict | None, plans: list[dict], path: str) -
         raise StudyError(f"the teacher failed, so no run can start from it: {summary['status']}")
     evals = evaluate(teacher_model, os.path.join(teacher_dir, "eval.json"), study, device,
                      os.path.join(teacher_dir, "eval.log"), checkpoint_stamp(teacher_dir) or str(teacher_model))
+    if evals is None:
+        summary["status"] = f"evaluation failed: {tail(os.path.join(teacher_dir, 'eval.log'))}"
+        print(f"[1/{n}] {TEACHER}: {summary['status']}", flush=True)
     records = [record(TEACHER, teacher_keys, summary, evals, teacher=True)]
     # 2. the runs
     for i, plan in enumerate(plans, 2):
@@ -497,8 +513,11 @@ def main(argv: list[str] | None = None) -> list[dict]:
 
 
 if __name__ == "__main__":
+    storage.restore_ctrl_c()
     try:
-        main()
+        records = main()
+        if any(r["status"] != "ok" for r in records):
+            sys.exit(1)         # the table is written; the summary line above names the failed runs
     except (TrainError, FileNotFoundError, storage.DirectoryLocked, storage.DiskFull) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)

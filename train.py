@@ -40,6 +40,11 @@ by DDP; the KL is computed a chunk of positions at a time (distill_chunk) to bou
 """
 from __future__ import annotations
 
+import storage  # first: stdlib only, so that Ctrl-C while torch loads is one line
+
+if __name__ == "__main__":
+    storage.exit_quietly_on_ctrl_c()
+
 import argparse
 import gc
 import math
@@ -54,7 +59,6 @@ import torch.nn.functional as F
 
 import data
 import runtime
-import storage
 from config import (FIXED_ON_RESUME, MODEL_DEFAULTS, MODEL_HELP, MODEL_KEYS, TRAIN_KEYS, ConfigError, TrainConfig,
                     TrainError, config_diff, format_diff, resolve_config)
 from kronecker import KronLinear
@@ -105,8 +109,8 @@ def build_model(cfg: TrainConfig, log) -> GPT:
         return model
     except TrainError:
         raise
-    except (ValueError, FileNotFoundError, RuntimeError) as e:
-        raise TrainError(f"could not build the model for init_from={init!r}: {e}") from e
+    except (ValueError, OSError, RuntimeError) as e:     # a model that cannot be read or fetched: as if missing
+        raise ConfigError(f"could not build the model for init_from={init!r}: {e}") from e
 
 
 def load_teacher(cfg: TrainConfig, student: GPT, device: torch.device, log) -> GPT | None:
@@ -115,8 +119,8 @@ def load_teacher(cfg: TrainConfig, student: GPT, device: torch.device, log) -> G
         return None
     try:
         teacher = GPT.load(cfg.distill_from)
-    except (ValueError, FileNotFoundError, RuntimeError) as e:
-        raise TrainError(f"could not load the teacher distill_from={cfg.distill_from!r}: {e}") from e
+    except (ValueError, OSError, RuntimeError) as e:
+        raise ConfigError(f"could not load the teacher distill_from={cfg.distill_from!r}: {e}") from e
     t, s = teacher.config, student.config
     if t.vocab_size != s.vocab_size:
         raise ConfigError(f"distillation needs one vocabulary: the teacher {cfg.distill_from} has {t.vocab_size} "
@@ -273,6 +277,7 @@ class Trainer:
         self.ckpt_last = os.path.join(cfg.out_dir, "ckpt_last.pt")
         self.ckpt_best = os.path.join(cfg.out_dir, "ckpt_best.pt")
         self.iter_num, self.best_val_loss, self.train_seconds = 0, float("inf"), 0.0
+        self.best_lost = False                          # ckpt_best.pt was damaged and moved aside
         self.history: list[dict] = []                   # every evaluation: iter, tokens, train, val, seconds
         self.result = {"losses": [], "iters": [], "evals": []}
 
@@ -341,10 +346,14 @@ class Trainer:
         or the checkpoint to resume from. Refuses to touch another run's checkpoints."""
         cfg, dist = self.cfg, self.dist
         if dist.master:
+            if os.path.exists(cfg.out_dir) and not os.path.isdir(cfg.out_dir):
+                raise ConfigError(f"out_dir={cfg.out_dir!r} is a file, not a directory; choose another out_dir")
             try:
                 self.lock = storage.RunLock(cfg.out_dir).acquire()
             except storage.DirectoryLocked as e:
                 raise TrainError(str(e)) from None
+            except OSError as e:
+                raise storage.unusable_directory(e, cfg.out_dir, "out_dir") from None
             removed = storage.clean_temp_files(cfg.out_dir)
             if removed:
                 self.log(f"removed {len(removed)} temp file(s) a killed run left in {cfg.out_dir}")
@@ -354,15 +363,12 @@ class Trainer:
                         os.remove(path)
                         self.log(f"overwrite=True: removed {path}")
         dist.barrier()
-        # the run's state is in ckpt_last.pt, or in ckpt_best.pt alone when a kill came between the
-        # first ckpt_best.pt and its copy ckpt_last.pt
-        found = [p for p in (self.ckpt_last, self.ckpt_best) if os.path.isfile(p)]
-        if not found:
+        if not any(os.path.isfile(p) for p in (self.ckpt_last, self.ckpt_best)):
             if cfg.init_from == "resume":
-                raise TrainError(f"init_from='resume' but there is no {self.ckpt_last}; start the run with "
-                                 "another init_from")
+                raise ConfigError(f"init_from='resume' but there is no {self.ckpt_last}; start the run with "
+                                  "another init_from")
             return None
-        self.resume_path = found[0]
+        self.resume_path = self.newest_checkpoint()
         ckpt = self.read_run_checkpoint(self.resume_path)
         diff = config_diff(ckpt["config"], self.stored)
         if cfg.init_from == "resume":
@@ -385,11 +391,44 @@ class Trainer:
             f"{format_diff(diff)}. To continue that run: --init_from=resume; to keep it: another --out_dir; "
             "to replace it: --overwrite=True")
 
+    def newest_checkpoint(self) -> str:
+        """The checkpoint holding the run's latest state: normally ckpt_last.pt, but ckpt_best.pt when
+        a kill came between it and its copy ckpt_last.pt (it is then newer), and the other one when
+        one is damaged (a damaged ckpt_best.pt is moved aside, as ckpt_best.pt.corrupt, so that the
+        next evaluation writes a new one). ckpt_last.pt is brought up to date from ckpt_best.pt."""
+        iters, damaged = {}, {}
+        for path in (self.ckpt_last, self.ckpt_best):
+            if os.path.isfile(path):
+                try:       # mmap: only the metadata is read here (the checksum covers the whole file)
+                    iters[path] = load_checkpoint(path, mmap=True).get("iter_num", -1)
+                except (ValueError, OSError, RuntimeError) as e:
+                    damaged[path] = e
+        if not iters:
+            e = next(iter(damaged.values()))
+            raise ConfigError(f"{' '.join(str(e).split())}. No intact checkpoint is left in {self.cfg.out_dir}: "
+                              "move it away (or use --overwrite=True) to start over")
+        newest = max(iters, key=lambda p: (iters[p], p == self.ckpt_last))
+        for path, e in damaged.items():
+            self.log(f"warning: {' '.join(str(e).split())}. Resuming from {os.path.basename(newest)} instead "
+                     f"(iteration {iters[newest]})")
+            if path == self.ckpt_best:
+                self.best_lost = True
+                if self.dist.master:
+                    os.replace(path, path + ".corrupt")
+                    self.log(f"moved it to {path}.corrupt; the run's next evaluation, if any, writes a new "
+                             f"{os.path.basename(path)}")
+        if newest == self.ckpt_best and self.dist.master:
+            storage.atomic_copy(self.ckpt_best, self.ckpt_last)     # what the kill did not finish
+            if self.ckpt_last in iters or self.ckpt_last in damaged:
+                self.log(f"{self.ckpt_best} is newer than {os.path.basename(self.ckpt_last)} (a run killed between "
+                         f"the two): copied it over")
+        return newest
+
     def read_run_checkpoint(self, path: str) -> dict:
         try:
             ckpt = load_checkpoint(path)
         except (ValueError, RuntimeError) as e:
-            raise TrainError(f"{e}. Move it away (or use --overwrite=True) to start over") from None
+            raise ConfigError(f"{e}. Move it away (or use --overwrite=True) to start over") from None
         if "optimizer" not in ckpt or "iter_num" not in ckpt or "config" not in ckpt:
             raise ConfigError(f"{path} holds weights only (no optimizer state or iteration), so it cannot be "
                               f"resumed; start a new run from it with --init_from={path} and another out_dir")
@@ -408,10 +447,8 @@ class Trainer:
         if ckpt.get("scaler"):
             self.scaler.load_state_dict(ckpt["scaler"])
         self.iter_num, self.best_val_loss = ckpt["iter_num"], ckpt["best_val_loss"]
-        # a kill between the two writes leaves the best one newer
-        if self.resume_path != self.ckpt_best and os.path.isfile(self.ckpt_best):
-            best = load_checkpoint(self.ckpt_best, mmap=True).get("best_val_loss", self.best_val_loss)
-            self.best_val_loss = min(self.best_val_loss, best)
+        if self.best_lost:          # the next evaluation writes a new ckpt_best.pt, whatever its loss
+            self.best_val_loss = float("inf")
         self.history, self.train_seconds = list(ckpt.get("history", [])), ckpt.get("train_seconds", 0.0)
         self.data_gen.set_state(ckpt["data_rng"])
         if self.dist.world == 1 and "torch_rng" in ckpt:
@@ -712,14 +749,22 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
+    storage.restore_ctrl_c()
     try:
         main(sys.argv[1:])
     except storage.DiskFull as e:
         sys.exit(f"error: {e}")
-    except (ConfigError, FileNotFoundError) as e:     # a wrong key or value, a missing file: exit 2, as argparse
+    except storage.UnusableDirectory as e:
+        if e.machine:                                 # a read-only mount: the machine's fault, exit 1
+            sys.exit(f"error: {e}")
         print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except (ConfigError, FileNotFoundError, data.DataError) as e:   # a wrong key or value, a missing or
+        print(f"error: {' '.join(str(e).split())}", file=sys.stderr)  # damaged file: exit 2, as argparse
         sys.exit(2)
     except TrainError as e:
         sys.exit(f"error: {e}")
+    except OSError as e:                              # the machine (an I/O error, a mount gone read-only)
+        sys.exit(f"error: {' '.join(str(e).split())}")
     except KeyboardInterrupt:
         sys.exit("interrupted; the checkpoints are intact: run the same command to resume")

@@ -363,7 +363,7 @@ def test_disk_full_while_preparing(tmp_path, corpora, tiktoken_gpt2, monkeypatch
     with pytest.raises(SystemExit) as e:
         prepare_owt.main(["--dataset", corpora["old"], "--out", out, "--overwrite"])
     err = capsys.readouterr().err                  # the progress bars, then one line
-    assert e.value.code == 2 and "Traceback" not in err
+    assert e.value.code == 1 and "Traceback" not in err        # the machine's fault, not a mistake
     assert err.strip().splitlines()[-1].startswith(f"error: no space left on the device while writing {out}")
     assert snapshot(out) == old and not leftovers(tmp_path)
 
@@ -519,7 +519,7 @@ def test_sample_cli_mistakes(tmp_path, tiny_hf_dir):
         (base + ("--top-k", "0"), "--top-k 0: must be >= 1", True),
         (base + ("--prompt-file", tmp_path / "none.txt"), f"--prompt-file {tmp_path / 'none.txt'}: no such file", True),
         (base + ("--top-p", "1.5"), "--top-p 1.5: must be in (0, 1]", False),
-        (base + ("--temperature", "-1"), "--temperature -1.0: must be >= 0", False),
+        (base + ("--temperature", "-1"), "--temperature -1.0: must be a finite number >= 0", False),
         (("--model", tmp_path / "none.pt"), "no such directory or checkpoint", False),
     ]
     check_cli_mistakes("sample.py", sample.main, cases)
