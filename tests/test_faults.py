@@ -132,7 +132,7 @@ def test_killed_overwrite_leaves_the_old_output_or_the_new_one(tmp_path, corpora
         if restored:            # killed between the swap's two renames: the next run restores the old output
             assert data.prepare(corpora["new"], out)["source"] == corpora["old"]
         # the old output whole, or (killed after the swap) the new one whole: never a mixture
-        names = set(os.listdir(out)) - {data.LOCK_NAME}
+        names = set(os.listdir(out)) - {data.LOCK_NAME, data.VERIFIED_NAME}
         assert names == {"train.bin", "val.bin", "meta.json"}, (moment, names)
         if snapshot(out) != old:                   # the kill came after the swap, or the run finished
             meta = data.TokenData(out).meta         # checks sizes and checksums against meta.json
@@ -226,13 +226,22 @@ def test_random_bytes_as_train_bin(tmp_path):
         f.write(junk)
     with pytest.raises(data.DataError, match="checksum of its first"):
         data.TokenData(d)
-    # a meta.json without checksums (an older prepare_owt.py): the size agrees, so the batch check
-    # must stop the random ids before they reach an embedding
+    # a meta.json without checksums (an older prepare_owt.py): the size agrees, so it is refused until
+    # the checksums are recorded, which the random ids do not pass
     meta_path = os.path.join(d, "meta.json")
     meta = json.load(open(meta_path))
-    del meta["header_sha256"]
+    del meta["header_sha256"], meta["sha256"]
     storage.write_json(meta, meta_path)
+    with pytest.raises(data.DataError, match=r"records no checksum of the whole token files"):
+        data.TokenData(d)
+    with pytest.raises(data.DataError, match=r"train\.bin holds token id \d+, not below vocab_size=50257"):
+        data.record_checksums(d)
+    # bytes that change under a running reader: the batch check stops them before an embedding
+    d = str(tmp_path / "e")
+    data.write_token_files(d, {"train": np.arange(20000) % 1000, "val": np.arange(300)})
     td = data.TokenData(d)
+    with open(path := os.path.join(d, "train.bin"), "r+b") as f:
+        f.write(junk[:os.path.getsize(path)])
     offsets = td.sample_offsets("train", 64, (8,), torch.Generator().manual_seed(0))
     with pytest.raises(data.DataError, match=r"train\.bin holds token id \d+, not below vocab_size=50257"):
         td.batch("train", offsets, 64)
@@ -326,7 +335,7 @@ def test_output_directory_rules(tmp_path, corpora, tiktoken_gpt2):
     data.prepare(str(out / "copy.txt"), str(out), val_fraction=0.2, overwrite=True)
     assert sha(out / "copy.txt") == sha(corpora["old"])
     assert data.TokenData(str(out)).meta["val_fraction"] == 0.2
-    assert sorted(os.listdir(out)) == ["copy.txt", "meta.json", "train.bin", "val.bin"]
+    assert sorted(os.listdir(out)) == [data.VERIFIED_NAME, "copy.txt", "meta.json", "train.bin", "val.bin"]
     # a directory with sub-directories is not replaced whole
     (out / "notes").mkdir()
     with pytest.raises(data.DataError, match="holds notes, which no prepared dataset has"):
@@ -808,6 +817,8 @@ def test_disk_full_while_saving(tmp_path, data_dir, monkeypatch, capsys, where, 
     if where == "run.json":                                      # the last thing a run writes
         assert res["iters"] == [] and "is finished" in capsys.readouterr().out
         assert (out / "run.json").exists()
+    elif where == "ckpt_last.pt":                                # ckpt_best.pt of iteration 4 is newer
+        assert res["iters"] == [5, 6]
     else:
         assert res["iters"] == [3, 4, 5, 6]
     assert_checkpoints_consistent(out, 6, 6)

@@ -268,7 +268,7 @@ def test_faults_of_the_sweep_are_one_line(tmp_path, data_dir, big_data, tiny_hf_
         (train_args(a_file), f"out_dir='{a_file}' is a file, not a directory"),
         (train_args(a_file / "sub"), f"out_dir {a_file / 'sub'} cannot be a directory: a part of that path is a file"),
         (train_args(tmp_path / "empty", init_from="resume"), "init_from='resume' but there is no"),
-        (train_args(tmp_path / "inf", learning_rate=1e999), "learning_rate=inf is not a finite number"),
+        (train_args(tmp_path / "inf") + ("--learning_rate=1e999",), "learning_rate=inf is not a finite number"),
         (train_args(tmp_path / "hub", init_from="no-owner/no-such-model"), "could not build the model for init_from="),
         (train_args(tmp_path / "tail", data_dir=tail), "train.bin is not the file meta.json was written with"),
         (("eval_ppl.py", "--model", tiny_hf_dir, "--data-file", os.path.join(data_dir, "meta.json")),
