@@ -72,8 +72,9 @@ def unusable_directory(e: OSError, path: str, what: str = "the output directory"
     return err
 
 
-def exit_quietly_on_ctrl_c(message: str = "interrupted") -> None:
-    """Until main() runs, make Ctrl-C end the process at once with one line and exit code 130,
+def exit_quietly_on_ctrl_c(message: str = "interrupted", code: int = 130) -> None:
+    """Until main() runs, make Ctrl-C end the process at once with one line and exit code `code`
+    (the one the script gives Ctrl-C later: 130, or 1 for train.py and study.py),
     not a KeyboardInterrupt traceback from inside an import (torch alone loads for seconds);
     nothing is written before main(), so there is nothing to clean up. A script calls this at its
     top, before its heavy imports; runtime.run_cli (or the script) restores Python's handler."""
@@ -83,7 +84,7 @@ def exit_quietly_on_ctrl_c(message: str = "interrupted") -> None:
     def stop(signum, frame):
         sys.stderr.write(f"{message}\n")
         sys.stderr.flush()
-        os._exit(130)
+        os._exit(code)
     signal.signal(signal.SIGINT, stop)
 
 

@@ -43,7 +43,7 @@ from __future__ import annotations
 import storage  # first: stdlib only, so that Ctrl-C while torch loads is one line
 
 if __name__ == "__main__":
-    storage.exit_quietly_on_ctrl_c()
+    storage.exit_quietly_on_ctrl_c(code=1)          # the exit code of its Ctrl-C during the run
 
 import argparse
 import gc
