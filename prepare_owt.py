@@ -9,8 +9,13 @@ Tokenise OpenWebText (or any text dataset) into train.bin / val.bin for train.py
 Output, in --out:
   train.bin, val.bin  GPT-2 BPE token ids as a flat uint16 array (np.memmap), each
                       document followed by the end-of-text token 50256
-  meta.json           tokenizer, dtype, vocab size, per split the token count and a checksum
-                      of the file's first MiB, document counts, source
+  meta.json           tokenizer, dtype, vocab size, per split the token count and the sha256
+                      of the whole file and of its first MiB, document counts, source
+  .verified.json      the files already checked against meta.json (see data.py)
+
+An --out prepared by an older version (no whole-file checksums in meta.json) is refused by
+train.py; --record-checksums adds them without tokenising again, after checking the files'
+sizes, header checksums and token ids.
 
 Documents. A hub dataset, .jsonl or .parquet file: one row is one document (the
 --text-column). A .txt file: --txt-docs says what a document is:

@@ -30,7 +30,9 @@ Your runs are safe:
                            --overwrite=True (start over); a finished run says so and exits 0
   checkpoints              written atomically (unique temp file, fsync, rename), ckpt_best.pt before
                            ckpt_last.pt, so a kill at any moment leaves both loadable and the same
-                           command resumes; temp files of a killed run are removed on the next start
+                           command resumes from the newer; temp files of a killed run are removed on
+                           the next start; each ends with a sha256 of its bytes, verified on load (a
+                           damaged one is skipped for the other, with a warning)
 
 Distillation (distill_from=MODEL, any model a script can load): the loss becomes
   (1 - distill_alpha) * cross-entropy + distill_alpha * T^2 * KL(teacher || student, at temperature T)
