@@ -280,6 +280,7 @@ class Trainer:
         self.ckpt_best = os.path.join(cfg.out_dir, "ckpt_best.pt")
         self.iter_num, self.best_val_loss, self.train_seconds = 0, float("inf"), 0.0
         self.best_lost = False                          # ckpt_best.pt was damaged and moved aside
+        self.resume_path: str | None = None             # the checkpoint the run resumed from
         self.history: list[dict] = []                   # every evaluation: iter, tokens, train, val, seconds
         self.result = {"losses": [], "iters": [], "evals": []}
 
@@ -397,7 +398,7 @@ class Trainer:
         """The checkpoint holding the run's latest state: normally ckpt_last.pt, but ckpt_best.pt when
         a kill came between it and its copy ckpt_last.pt (it is then newer), and the other one when
         one is damaged (a damaged ckpt_best.pt is moved aside, as ckpt_best.pt.corrupt, so that the
-        next evaluation writes a new one). ckpt_last.pt is brought up to date from ckpt_best.pt."""
+        next evaluation writes a new one)."""
         iters, damaged = {}, {}
         for path in (self.ckpt_last, self.ckpt_best):
             if os.path.isfile(path):
@@ -419,11 +420,6 @@ class Trainer:
                     os.replace(path, path + ".corrupt")
                     self.log(f"moved it to {path}.corrupt; the run's next evaluation, if any, writes a new "
                              f"{os.path.basename(path)}")
-        if newest == self.ckpt_best and self.dist.master:
-            storage.atomic_copy(self.ckpt_best, self.ckpt_last)     # what the kill did not finish
-            if self.ckpt_last in iters or self.ckpt_last in damaged:
-                self.log(f"{self.ckpt_best} is newer than {os.path.basename(self.ckpt_last)} (a run killed between "
-                         f"the two): copied it over")
         return newest
 
     def read_run_checkpoint(self, path: str) -> dict:
@@ -573,6 +569,12 @@ class Trainer:
         B, T = cfg.batch_size, cfg.block_size
         self.tokens_per_iter = cfg.gradient_accumulation_steps * B * T
         if self.iter_num >= cfg.max_iters and self.iter_num > 0:
+            if self.resume_path == self.ckpt_best and os.path.isfile(self.ckpt_last) and dist.master:
+                # killed between the final ckpt_best.pt and its copy: finish that copy, as no later
+                # evaluation will (a continuing run rewrites ckpt_last.pt at its next evaluation)
+                storage.atomic_copy(self.ckpt_best, self.ckpt_last)
+                self.log(f"{self.ckpt_last} was older than {os.path.basename(self.ckpt_best)} (a run killed between "
+                         "the two): copied the newer one over it")
             self.log(f"the run in {cfg.out_dir} is finished (iteration {self.iter_num} of {cfg.max_iters}, best val loss "
                      f"{self.best_val_loss:.4f}); nothing to do")
             return self.finish()

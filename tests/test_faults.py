@@ -743,17 +743,16 @@ def test_kills_during_checkpoint_writes_leave_a_run_that_resumes_exactly(tmp_pat
     assert "removed 1 temp file(s) a killed run left" in proc.stdout and "resuming at iteration 2" in proc.stdout
     assert not set(left) & set(temp_files(out))
     assert_checkpoints_consistent(out, 4, 6)
-    # 3. the same command resumes at 4 and knows ckpt_best.pt holds iteration 6's loss: at 6 it writes
-    # ckpt_last.pt only (the best is not rewritten); Ctrl-C in the middle of writing ckpt_best.pt at 8:
-    # one line, the temp file removed, the checkpoints as they were after iteration 6
+    # 3. the same command resumes from the newer one, ckpt_best.pt of iteration 6; Ctrl-C in the middle
+    # of writing ckpt_best.pt at 8: one line, the temp file removed, the checkpoints as they were
     best = sha(out / "ckpt_best.pt")
     proc = stop_in("ckpt_best.pt:1", signal.SIGINT)
-    assert "resuming at iteration 4" in proc.stdout
+    assert "resuming at iteration 6" in proc.stdout
     assert proc.returncode == 1 and "Traceback" not in proc.stderr
     assert proc.stderr.strip().splitlines() == ["interrupted; the checkpoints are intact: run the same command "
                                                 "to resume"]
     assert temp_files(out) == [] and sha(out / "ckpt_best.pt") == best
-    assert_checkpoints_consistent(out, 6, 6)
+    assert_checkpoints_consistent(out, 4, 6)
     # the same command, uninterrupted: it finishes with what an uninterrupted run computes
     capsys.readouterr()
     resumed = train.main(args)
