@@ -382,23 +382,26 @@ class Trainer:
                                   f"from its weights with --init_from={self.ckpt_last} and a new out_dir")
             if diff:
                 self.log(f"resuming with changed settings: {format_diff(diff)}")
-            return ckpt
-        if not diff:
+        elif not diff:
             self.log(f"{cfg.out_dir} holds this run at iteration {ckpt['iter_num']}: resuming it "
                      "(--overwrite=True starts over)")
-            return ckpt
-        old = ckpt["config"]
-        raise TrainError(
-            f"{cfg.out_dir} holds another run (init_from={old.get('init_from')!r}, iteration {ckpt['iter_num']} of "
-            f"{old.get('max_iters')}, best val loss {ckpt.get('best_val_loss', float('nan')):.4f}); its config differs: "
-            f"{format_diff(diff)}. To continue that run: --init_from=resume; to keep it: another --out_dir; "
-            "to replace it: --overwrite=True")
+        else:
+            old = ckpt["config"]
+            raise TrainError(
+                f"{cfg.out_dir} holds another run (init_from={old.get('init_from')!r}, iteration {ckpt['iter_num']} of "
+                f"{old.get('max_iters')}, best val loss {ckpt.get('best_val_loss', float('nan')):.4f}); its config "
+                f"differs: {format_diff(diff)}. To continue that run: --init_from=resume; to keep it: another "
+                "--out_dir; to replace it: --overwrite=True")
+        if self.best_lost and dist.master:      # out of the way (kept for a look); a new one comes
+            os.replace(self.ckpt_best, self.ckpt_best + ".corrupt")
+            self.log(f"moved the damaged {self.ckpt_best} to {os.path.basename(self.ckpt_best)}.corrupt; the run's "
+                     "next evaluation, if any, writes a new one")
+        return ckpt
 
     def newest_checkpoint(self) -> str:
         """The checkpoint holding the run's latest state: normally ckpt_last.pt, but ckpt_best.pt when
         a kill came between it and its copy ckpt_last.pt (it is then newer), and the other one when
-        one is damaged (a damaged ckpt_best.pt is moved aside, as ckpt_best.pt.corrupt, so that the
-        next evaluation writes a new one)."""
+        one is damaged (noted in best_lost for ckpt_best.pt, which the resume then moves aside)."""
         iters, damaged = {}, {}
         for path in (self.ckpt_last, self.ckpt_best):
             if os.path.isfile(path):
@@ -414,12 +417,7 @@ class Trainer:
         for path, e in damaged.items():
             self.log(f"warning: {' '.join(str(e).split())}. Resuming from {os.path.basename(newest)} instead "
                      f"(iteration {iters[newest]})")
-            if path == self.ckpt_best:
-                self.best_lost = True
-                if self.dist.master:
-                    os.replace(path, path + ".corrupt")
-                    self.log(f"moved it to {path}.corrupt; the run's next evaluation, if any, writes a new "
-                             f"{os.path.basename(path)}")
+            self.best_lost = self.best_lost or path == self.ckpt_best
         return newest
 
     def read_run_checkpoint(self, path: str) -> dict:

@@ -200,6 +200,10 @@ def test_resume_falls_back_from_a_damaged_checkpoint(tmp_path, data_dir, monkeyp
         with pytest.raises(train.ConfigError, match=r"is corrupt.*No intact checkpoint is left in .*run: move it away"):
             run(data_dir, out, **kw)
         return
+    with pytest.raises(train.TrainError, match="holds another run"):       # another config: nothing is moved
+        run(data_dir, out, **{**kw, "learning_rate": 1e-3})
+    assert (out / damaged).exists() and not (out / f"{damaged}.corrupt").exists()
+    capsys.readouterr()
     resumed = run(data_dir, out, **kw)
     log = capsys.readouterr().out
     other = "ckpt_last.pt" if damaged == "ckpt_best.pt" else "ckpt_best.pt"
