@@ -253,6 +253,12 @@ def test_faults_of_the_sweep_are_one_line(tmp_path, data_dir, big_data, tiny_hf_
     a_file.write_text("x")
     tail = copy_data(big_data, tmp_path / "tail")
     overwrite(os.path.join(tail, "train.bin"), data.HEADER_BYTES + 10, bytes(4000))
+    wide = str(tmp_path / "wide")                      # ids >= vocab_size past the first MiB, checksum intact
+    ids = np.arange(600_000) % VOCAB
+    ids[-5] = 1000
+    data.write_token_files(wide, {"train": ids, "val": np.arange(300) % VOCAB}, vocab_size=2000)
+    meta = json.load(open(os.path.join(wide, "meta.json")))
+    storage.write_json({**meta, "vocab_size": VOCAB}, os.path.join(wide, "meta.json"))
     odd = tmp_path / "odd.bin"
     odd.write_bytes(bytes(1001))
     corrupt = tmp_path / "corrupt" / "ckpt_best.pt"
@@ -274,7 +280,10 @@ def test_faults_of_the_sweep_are_one_line(tmp_path, data_dir, big_data, tiny_hf_
         (train_args(tmp_path / "empty", init_from="resume"), "init_from='resume' but there is no"),
         (train_args(tmp_path / "inf") + ("--learning_rate=1e999",), "learning_rate=inf is not a finite number"),
         (train_args(tmp_path / "hub", init_from="no-owner/no-such-model"), "could not build the model for init_from="),
-        (train_args(tmp_path / "tail", data_dir=tail), "train.bin is not the file meta.json was written with"),
+        (train_args(tmp_path / "tail_run", data_dir=tail), "train.bin is not the file meta.json was written with"),
+        (train_args(tmp_path / "wide_run", data_dir=wide), f"train.bin holds token id 1000, not below vocab_size={VOCAB}"),
+        (("prepare_owt.py", "--dataset", "x.txt", "--out", a_file / "sub"),
+         f"--out {a_file / 'sub'} cannot be a directory: a part of that path is a file"),
         (("eval_ppl.py", "--model", tiny_hf_dir, "--data-file", os.path.join(data_dir, "meta.json")),
          "is a .json file, not a data set"),
         (("eval_ppl.py", "--model", tiny_hf_dir, "--data-file", odd),
