@@ -35,7 +35,8 @@ full log of its training), and
 
 Resumable: a finished run is skipped, an interrupted one resumes from its checkpoint (train.py does
 that by itself with the same command), and a run whose keys changed since it ran is an error that
-names it. A failing run is reported and the others go on.
+names it. A failing run is reported and the others go on (an evaluation that fails counts; the
+exit code is then 1). Every key, eval_datasets and eval_data_files included, is checked first.
 """
 from __future__ import annotations
 
