@@ -127,11 +127,7 @@ def load_checkpoint(path: str, map_location="cpu", mmap: bool = False) -> dict:
     mmap=True maps the tensors instead of reading them (cheap when only the metadata is needed)."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"no checkpoint at {path}")
-    try:
-        ckpt = torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
-    except Exception as e:
-        raise RuntimeError(f"{path} is not a readable checkpoint ({type(e).__name__}: {str(e)[:200]}); "
-                         "it may be truncated or corrupt: use another one (e.g. ckpt_best.pt)") from e
+    ckpt = storage.load_torch(path, map_location=map_location, mmap=mmap)   # checksum verified; CorruptFile
     if not isinstance(ckpt, dict) or "model" not in ckpt or "model_config" not in ckpt:
         raise ValueError(f"{path} is not a Krony checkpoint (no 'model' and 'model_config' entries)")
     return ckpt

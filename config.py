@@ -12,6 +12,7 @@ from __future__ import annotations
 import ast
 import difflib
 import inspect
+import math
 import os
 import typing
 from dataclasses import asdict, dataclass, field, fields, replace
@@ -198,6 +199,8 @@ def check_value(key: str, value, hint):
     elif hint is float:
         ok = isinstance(value, (int, float)) and not isinstance(value, bool)
         value = float(value) if ok else value
+        if ok and not math.isfinite(value):        # inf or nan passes every range check, then breaks a run
+            raise ConfigError(f"{key}={value!r} is not a finite number")
     elif hint in (tuple, list):
         ok = isinstance(value, (tuple, list))
         value = tuple(value) if ok else value

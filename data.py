@@ -5,8 +5,9 @@ Token data: the GPT-2 tokenizer, the preparation of train.bin / val.bin / meta.j
 A prepared directory holds
   train.bin, val.bin  GPT-2 BPE token ids as a flat uint16 array (np.memmap), each document
                       followed by the end-of-text token 50256
-  meta.json           tokenizer, vocab_size, dtype, per split the token count and the sha256 of
-                      the file's first HEADER_BYTES bytes, document counts, source
+  meta.json           tokenizer, vocab_size, dtype, per split the token count, the sha256 of the
+                      whole file and of its first HEADER_BYTES bytes, document counts, source
+  .verified.json      which files were checked against meta.json, as they were then (see below)
 
 One transaction. prepare() (and write_token_files()) build the whole directory beside its
 destination and rename it into place at the end (storage.atomic_directory): a run killed at any
@@ -15,9 +16,13 @@ the disk holds both, so an --overwrite needs room for a second copy. What a kill
 beside the destination is removed by the next run, which also waits while another process
 prepares the same directory (runs of a sweep that share a data_dir).
 
-Checks on reading. TokenData refuses bins that do not match meta.json (their size or the checksum
-of their first bytes: a bin from another run, a truncated copy, random bytes) and batches holding
-a token id >= vocab_size, each with the command that prepares the data again.
+Checks on reading. TokenData refuses bins that do not match meta.json (their size, the checksum of
+their first bytes, then the checksum of the whole file: a bin from another run, a truncated copy, a
+tail overwritten) and bins holding a token id >= vocab_size, each with the command that prepares the
+data again. Hashing a 17 GB train.bin takes a while, so it happens once per file: .verified.json
+records each file's inode, size, mtime and ctime when it passed, and a file still the same is not
+read again (a rewrite, a copy or a touch changes them). A meta.json without the whole-file
+checksum (an older prepare_owt.py) is refused: prepare_owt.py --record_checksums adds it once.
 
 Sampling uses a dedicated torch.Generator (not the global RNG), so train.py can save its state in
 every checkpoint and a resumed run draws exactly the batches an uninterrupted run would have drawn.
@@ -40,7 +45,7 @@ from typing import Iterator
 import numpy as np
 import torch
 
-from storage import TEMP_PREFIX, DiskFull, RunLock, atomic_directory, atomic_write, write_json
+from storage import TEMP_PREFIX, DiskFull, RunLock, atomic_directory, atomic_write, file_identity, file_sha256, write_json
 
 OWT = "Skylion007/openwebtext"
 EOT = 50256                      # GPT-2's <|endoftext|>
@@ -53,10 +58,22 @@ TXT_DOCS = ("paragraph", "file", "line")
 LOCAL_EXTS = {".txt": "txt", ".jsonl": "json", ".json": "json", ".parquet": "parquet"}
 LOCAL_CACHE = ".hf_cache"        # the `datasets` cache of local files, inside the temp directory
 LOCK_NAME = ".prepare.lock"
+VERIFIED_NAME = ".verified.json"  # the files already checked against meta.json (see the docstring)
+LARGE_FILE = 1 << 28             # verifying a file of this size or more is announced (it takes seconds)
 # names in an output directory that are ours (today's or an older version's); anything else in it
 # (e.g. the source text train.py downloads there) is carried into the new directory
-OWN_NAMES = {"train.bin", "val.bin", "meta.json", LOCK_NAME, LOCAL_CACHE,
+OWN_NAMES = {"train.bin", "val.bin", "meta.json", LOCK_NAME, LOCAL_CACHE, VERIFIED_NAME,
              "train.bin.tmp", "val.bin.tmp", "meta.json.tmp"}
+# the hub data sets eval_ppl.py scores, by name -> (hub dataset, config, split); here, so that study.py
+# can check a study's names before anything trains
+EVAL_DATASETS = {
+    "wikitext-103": ("Salesforce/wikitext", "wikitext-103-v1", "test"),
+    "wikitext-2": ("Salesforce/wikitext", "wikitext-2-v1", "test"),
+    "wikitext-103-raw": ("Salesforce/wikitext", "wikitext-103-raw-v1", "test"),
+    "wikitext-2-raw": ("Salesforce/wikitext", "wikitext-2-raw-v1", "test"),
+    "lambada": ("cimec/lambada", None, "test"),
+    "lambada_openai": ("EleutherAI/lambada_openai", "default", "test"),   # "default" = English
+}
 REPO = os.path.dirname(os.path.abspath(__file__))
 SHARED_TIKTOKEN_CACHE = os.path.join(os.path.dirname(REPO), "shared", "tiktoken_cache")
 
@@ -295,17 +312,32 @@ def read_meta(data_dir: str) -> dict:
         for key in ("vocab_size", *(f"{s}_tokens" for s in SPLITS)):
             if not isinstance(meta[key], int) or meta[key] < 1:
                 raise ValueError(f"{key}={meta[key]!r} is no positive integer")
-        if not isinstance(meta.get("header_sha256", {}), dict):
-            raise ValueError("header_sha256 is no mapping of split to checksum")
+        for key in ("header_sha256", "sha256"):
+            if not isinstance(meta.get(key, {}), dict):
+                raise ValueError(f"{key} is no mapping of split to checksum")
     except (ValueError, KeyError, TypeError, AttributeError) as e:
         raise DataError(f"{path} is not a valid meta.json ({type(e).__name__}: {one_line(e, 200)}); "
                         f"prepare the data again: {cmd}") from None
     return meta
 
 
-def check_files(data_dir: str, meta: dict) -> None:
+def check_files(data_dir: str, meta: dict, log=print) -> None:
     """Refuse bins that are not the ones meta.json describes: the size must be the token count
-    times the item size, and the header checksum (when meta.json has one) must agree."""
+    times the item size, the header checksum (when meta.json has one) and the checksum of the whole
+    file must agree, and every token id must be below vocab_size (see verify_file)."""
+    check_sizes(data_dir, meta)
+    cmd = prepare_command(data_dir, meta.get("source"))
+    if any(not meta.get("sha256", {}).get(split) for split in SPLITS):
+        raise DataError(f"{os.path.join(data_dir, 'meta.json')} records no checksum of the whole token files (an "
+                        "older prepare_owt.py wrote it), so a damaged or swapped bin would go unnoticed. Record it "
+                        f"once, after the checks that are possible: python prepare_owt.py --out "
+                        f"{shlex.quote(data_dir)} --record_checksums; or prepare the data again: {cmd}")
+    for split in SPLITS:
+        verify_file(data_dir, meta, split, log)
+
+
+def check_sizes(data_dir: str, meta: dict) -> None:
+    """The cheap checks: each bin's size and the checksum of its first bytes."""
     itemsize = np.dtype(meta["dtype"]).itemsize
     cmd = prepare_command(data_dir, meta.get("source"))
     for split in SPLITS:
@@ -323,14 +355,115 @@ def check_files(data_dir: str, meta: dict) -> None:
                             f"Prepare the data again: {cmd}")
 
 
+def scan_file(path: str, dtype: str, log=print) -> tuple[str, int]:
+    """(sha256, largest token id) of a token file, in one streamed pass."""
+    size, largest = os.path.getsize(path), [0]
+
+    def biggest(chunk: memoryview) -> None:
+        if len(chunk):
+            largest[0] = max(largest[0], int(np.frombuffer(chunk, dtype=dtype).max()))
+    if size >= LARGE_FILE:
+        log(f"verifying {path} ({size / 1e9:.1f} GB) against meta.json; once, until the file changes")
+    return file_sha256(path, each_chunk=biggest), largest[0]
+
+
+def _read_verified(data_dir: str) -> dict:
+    try:
+        with open(os.path.join(data_dir, VERIFIED_NAME)) as f:
+            found = json.load(f)
+        return found if isinstance(found, dict) else {}
+    except (OSError, ValueError):
+        return {}
+
+
+def _write_verified(data_dir: str, records: dict) -> None:
+    """Remember verified files; a directory we may not write (a shared, read-only data set) just
+    means they are verified again next time."""
+    with contextlib.suppress(OSError):
+        write_json(records, os.path.join(data_dir, VERIFIED_NAME))
+
+
+def verify_file(data_dir: str, meta: dict, split: str, log=print) -> None:
+    """Check {split}.bin against meta.json's whole-file checksum and vocab_size, reading it only
+    when it changed since it last passed (VERIFIED_NAME)."""
+    path = os.path.join(data_dir, f"{split}.bin")
+    expected, identity = meta["sha256"][split], file_identity(path)
+    records = _read_verified(data_dir)
+    seen = records.get(split)
+    if isinstance(seen, dict) and seen.get("identity") == identity and seen.get("sha256") == expected \
+            and isinstance(seen.get("max_id"), int) and seen["max_id"] < meta["vocab_size"]:
+        return
+    digest, largest = scan_file(path, meta["dtype"], log)
+    cmd = prepare_command(data_dir, meta.get("source"))
+    if digest != expected:
+        raise DataError(f"{path} is not the file meta.json was written with (the checksum of the whole file "
+                        f"differs): a bin from another run, or a damaged or partly overwritten copy. Prepare the "
+                        f"data again: {cmd}")
+    if largest >= meta["vocab_size"]:
+        raise DataError(f"{path} holds token id {largest}, not below vocab_size={meta['vocab_size']} (meta.json): "
+                        f"the file was not written for this tokenizer. Prepare the data again: {cmd}")
+    records = _read_verified(data_dir)        # another process may have added the other split meanwhile
+    records[split] = {"identity": identity, "sha256": digest, "max_id": largest}
+    _write_verified(data_dir, records)
+
+
+def record_checksums(data_dir: str, log=print) -> dict:
+    """Add the whole-file checksums to the meta.json of a directory an older prepare_owt.py wrote,
+    after every check that is possible without them: sizes, header checksums (where recorded) and
+    token ids below vocab_size. Returns the new meta dict."""
+    out = os.path.realpath(data_dir)
+    with _output_lock(out):
+        meta = read_meta(out)
+        check_sizes(out, meta)
+        cmd = prepare_command(data_dir, meta.get("source"))
+        sums = {}
+        for split in SPLITS:
+            path = os.path.join(out, f"{split}.bin")
+            sums[split], largest = scan_file(path, meta["dtype"], log)
+            if largest >= meta["vocab_size"]:
+                raise DataError(f"{path} holds token id {largest}, not below vocab_size={meta['vocab_size']} "
+                                f"(meta.json): it is damaged or was not written for this tokenizer. Prepare the "
+                                f"data again: {cmd}")
+        old = dict(meta.get("sha256", {}))
+        if old and old != sums:
+            raise DataError(f"{data_dir}: the files do not match the checksums meta.json records already; "
+                            f"prepare the data again: {cmd}")
+        meta["sha256"] = sums
+        write_json(meta, os.path.join(out, "meta.json"))
+    checked = "sizes, header checksums" if meta.get("header_sha256") else "sizes (no header checksums recorded)"
+    log(f"recorded the checksums of {data_dir}/train.bin and val.bin in meta.json ({checked} and token ids "
+        "checked; the files are trusted as they are from now on)")
+    return meta
+
+
 def finished(out: str) -> dict | None:
-    """meta.json of a finished output in `out` (bins that match it), else None."""
+    """meta.json of a finished output in `out` (bins that match it), else None; a DataError for the
+    output of an older prepare_owt.py (no whole-file checksums), which is neither."""
     try:
         meta = read_meta(out)
+        check_sizes(out, meta)
+    except (OSError, DataError):
+        return None
+    if any(not meta.get("sha256", {}).get(split) for split in SPLITS):
+        check_files(out, meta)          # the error that says how to record the checksums
+    try:
         check_files(out, meta)
         return meta
     except (OSError, DataError):
         return None
+
+
+def _checksum_files(directory: str, meta: dict, log=print) -> dict[str, str]:
+    """The whole-file checksums of the bins just written into `directory` (they pass verify_file
+    from now on, without another read)."""
+    sums, records = {}, {}
+    for split in SPLITS:
+        path = os.path.join(directory, f"{split}.bin")
+        if os.path.isfile(path):
+            sums[split], largest = scan_file(path, meta["dtype"], log)
+            records[split] = {"identity": file_identity(path), "sha256": sums[split], "max_id": largest}
+    _write_verified(directory, records)
+    return sums
 
 
 # -----------------------------------------------------------------------------
@@ -481,8 +614,8 @@ def prepare(dataset: str = OWT, out: str = "data/openwebtext", text_column: str 
     out_arg, out = out, os.path.realpath(out)      # a symlinked output directory stays where it points
     check_out(out)
     with _output_lock(out):
-        done = finished(out)
-        if done and not overwrite:
+        done = None if overwrite else finished(out)
+        if done:
             print(f"{out_arg} already holds a finished dataset ({done['train_tokens']:,} train + "
                   f"{done['val_tokens']:,} val tokens from {done['source']}); nothing to do. Use --overwrite to "
                   "prepare it again.")
@@ -535,6 +668,7 @@ def _prepare_into(tmp: str, dataset: str, files: list[str], text_column: str, sp
         "dtype": np.dtype(DTYPE).name, "train_tokens": counts["train"], "val_tokens": counts["val"],
         "header_bytes": HEADER_BYTES,
         "header_sha256": {s: header_sha256(os.path.join(tmp, f"{s}.bin")) for s in SPLITS},
+        "sha256": _checksum_files(tmp, {"dtype": np.dtype(DTYPE).name}),
         "train_documents": int(len(train_idx)), "val_documents": int(len(val_idx)),
         "documents": int(n_docs), "source": dataset, "split": split if not files else None,
         "text_column": column, "txt_docs": txt_docs if files and column == "text" else None,
@@ -572,6 +706,7 @@ def write_token_files(directory: str, splits: dict[str, np.ndarray], **meta) -> 
             ids.tofile(path)
             info[f"{name}_tokens"] = int(ids.size)
             info["header_sha256"][name] = header_sha256(path)
+        info["sha256"] = _checksum_files(tmp, info)
         info.update({k: v for k, v in meta.items() if k not in ("vocab_size", "dtype")})
         write_json(info, os.path.join(tmp, "meta.json"))
     return info
@@ -583,7 +718,7 @@ def write_token_files(directory: str, splits: dict[str, np.ndarray], **meta) -> 
 class TokenData:
     """The prepared token files of one directory, as read-only memmaps, checked against meta.json."""
 
-    def __init__(self, data_dir: str):
+    def __init__(self, data_dir: str, log=print):
         self.data_dir = data_dir
         missing = [s for s in SPLITS if not os.path.isfile(os.path.join(data_dir, f"{s}.bin"))]
         if missing:
@@ -592,7 +727,7 @@ class TokenData:
                 f"`python prepare_owt.py --out {data_dir}` (OpenWebText) or "
                 f"`python prepare_owt.py --dataset ../shared/data/tinyshakespeare.txt --out {data_dir}`.")
         self.meta = read_meta(data_dir)
-        check_files(data_dir, self.meta)
+        check_files(data_dir, self.meta, log)
         self.vocab_size = int(self.meta["vocab_size"])
         dtype = np.dtype(self.meta["dtype"])
         self.splits = {s: np.memmap(os.path.join(data_dir, f"{s}.bin"), dtype=dtype, mode="r") for s in SPLITS}

@@ -28,6 +28,11 @@ GPU that has it. Every record names the dtype it was computed in.
 """
 from __future__ import annotations
 
+import storage  # first: stdlib only, so that Ctrl-C while torch loads is one line
+
+if __name__ == "__main__":
+    storage.exit_quietly_on_ctrl_c()
+
 import argparse
 import json
 import math
@@ -40,22 +45,14 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from data import DataError, TokenData, gpt2_encoding
 import checkpoints
 from checkpoints import resolve_model
+from data import EVAL_DATASETS, SPLITS, DataError, TokenData, gpt2_encoding
 from kronecker import frozen_kron_weights
 from runtime import ArgumentParser, DEVICE_HELP, DTYPES, autocast, dtype_name, pick_device, pick_dtype, run_cli
 from storage import write_json
 
-# name -> (hub dataset, config, split)
-DATASETS = {
-    "wikitext-103": ("Salesforce/wikitext", "wikitext-103-v1", "test"),
-    "wikitext-2": ("Salesforce/wikitext", "wikitext-2-v1", "test"),
-    "wikitext-103-raw": ("Salesforce/wikitext", "wikitext-103-raw-v1", "test"),
-    "wikitext-2-raw": ("Salesforce/wikitext", "wikitext-2-raw-v1", "test"),
-    "lambada": ("cimec/lambada", None, "test"),
-    "lambada_openai": ("EleutherAI/lambada_openai", "default", "test"),   # "default" = English
-}
+DATASETS = EVAL_DATASETS          # name -> (hub dataset, config, split)
 PROTOCOLS = ("paper", "sliding")
 
 
@@ -99,6 +96,10 @@ def read_data_file(path: str) -> list[str]:
     gives the same joined text, tokens and perplexity as the hub's copy."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"--data-file {path}: no such file")
+    if path.endswith(".json"):        # e.g. the meta.json of a prepared directory: its text is no data set
+        raise ValueError(f"--data-file {path} is a .json file, not a data set: give a text file, a .jsonl file "
+                         "with a 'text' field per line, or a token file (the train.bin or val.bin beside a "
+                         "meta.json)")
     try:
         with open(path, encoding="utf-8", newline="") as f:
             text = f.read()
@@ -133,11 +134,15 @@ def read_token_file(path: str) -> list[int]:
         raise FileNotFoundError(f"--data-file {path}: no such file")
     directory, name = os.path.split(os.path.abspath(path))
     split = name[:-len(".bin")]
+    if split not in SPLITS:
+        size = os.path.getsize(path)
+        odd = f"; its {size:,} bytes are not even a whole number of uint16 tokens" if size % 2 else ""
+        raise ValueError(f"--data-file {path}: a token file is the train.bin or val.bin of a directory "
+                         f"prepare_owt.py wrote (checked against the meta.json beside it), not {name}{odd}")
     try:
-        tokens = TokenData(directory).splits[split]
-    except (DataError, KeyError) as e:
-        raise ValueError(f"--data-file {path}: a token file is train.bin or val.bin of a directory "
-                         f"prepare_owt.py wrote ({e})") from None
+        tokens = TokenData(directory, log=lambda m: print(m, file=sys.stderr)).splits[split]
+    except (DataError, FileNotFoundError) as e:
+        raise ValueError(f"--data-file {path}: {e}") from None
     if len(tokens) < 2:
         raise ValueError(f"--data-file {path} holds {len(tokens)} token(s): there is nothing to evaluate")
     return tokens.tolist()

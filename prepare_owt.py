@@ -9,8 +9,13 @@ Tokenise OpenWebText (or any text dataset) into train.bin / val.bin for train.py
 Output, in --out:
   train.bin, val.bin  GPT-2 BPE token ids as a flat uint16 array (np.memmap), each
                       document followed by the end-of-text token 50256
-  meta.json           tokenizer, dtype, vocab size, per split the token count and a checksum
-                      of the file's first MiB, document counts, source
+  meta.json           tokenizer, dtype, vocab size, per split the token count and the sha256
+                      of the whole file and of its first MiB, document counts, source
+  .verified.json      the files already checked against meta.json (see data.py)
+
+An --out prepared by an older version (no whole-file checksums in meta.json) is refused by
+train.py; --record_checksums adds them without tokenising again, after checking the files'
+sizes, header checksums and token ids.
 
 Documents. A hub dataset, .jsonl or .parquet file: one row is one document (the
 --text-column). A .txt file: --txt-docs says what a document is:
@@ -29,12 +34,17 @@ The work itself lives in data.py (data.prepare); this file is its command line.
 """
 from __future__ import annotations
 
+import storage  # first: stdlib only, so that Ctrl-C while torch loads is one line
+
+if __name__ == "__main__":
+    storage.exit_quietly_on_ctrl_c()
+
 import os
 import sys
 
-from data import OWT, TXT_DOCS, DataError, prepare
+from data import OWT, TXT_DOCS, DataError, prepare, record_checksums
 from runtime import ArgumentParser
-from storage import DiskFull
+from storage import DiskFull, UnusableDirectory, unusable_directory
 
 
 class ExitError(SystemExit):
@@ -69,13 +79,23 @@ def main(argv: list[str] | None = None) -> None:
                         "file, or line")
     p.add_argument("--seed", type=int, default=2357, help="seed of the random validation split")
     p.add_argument("--overwrite", action="store_true", help="redo a finished output")
+    p.add_argument("--record_checksums", action="store_true",
+                   help="add the whole-file checksums to the meta.json of an --out an older version prepared, "
+                        "after checking the files' sizes, header checksums and token ids (nothing is tokenised)")
     args = p.parse_args(argv)
     try:
-        prepare(args.dataset, args.out, args.text_column, args.split, args.config, args.val_fraction,
-                args.num_proc, args.txt_docs, args.seed, args.overwrite)
-    except (DataError, DiskFull) as e:
+        if args.record_checksums:
+            record_checksums(args.out)
+        else:
+            prepare(args.dataset, args.out, args.text_column, args.split, args.config, args.val_fraction,
+                    args.num_proc, args.txt_docs, args.seed, args.overwrite)
+    except (DataError, DiskFull, OSError) as e:
+        if isinstance(e, OSError) and not isinstance(e, (DiskFull, UnusableDirectory)):
+            e = unusable_directory(e, args.out, "--out")          # it cannot be created or written
         message = f"error: {e}"
         print(message, file=sys.stderr)
+        if isinstance(e, DiskFull) or getattr(e, "machine", False):
+            raise SystemExit(1) from None       # the machine's fault (a full disk, a read-only mount)
         raise ExitError(message) from None
     except KeyboardInterrupt:
         print(f"interrupted: {args.out} is as it was before this run", file=sys.stderr)
@@ -83,6 +103,7 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
+    storage.restore_ctrl_c()
     try:
         main()
     except KeyboardInterrupt:

@@ -188,6 +188,8 @@ def run_cli(main: Callable, errors: tuple = (ValueError, OSError, RuntimeError),
             interrupted: str = "interrupted") -> None:
     """Run a script's main(): a mistake the user can fix (one of `errors`: a bad value, a missing
     file, a full disk) is one line on stderr and exit code 2, as argparse does; Ctrl-C is exit 130."""
+    import storage
+    storage.restore_ctrl_c()            # the script's start-up handler (storage.exit_quietly_on_ctrl_c)
     try:
         main()
     except errors as e:

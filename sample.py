@@ -11,6 +11,11 @@ Tokens per second are printed to stderr at the end.
 """
 from __future__ import annotations
 
+import storage  # first: stdlib only, so that Ctrl-C while torch loads is one line
+
+if __name__ == "__main__":
+    storage.exit_quietly_on_ctrl_c()
+
 import argparse
 import os
 import sys
@@ -51,8 +56,8 @@ def check_args(args: argparse.Namespace) -> None:
         raise ValueError(f"--num-samples {args.num_samples}: must be >= 1")
     if args.max_new_tokens < 1:
         raise ValueError(f"--max-new-tokens {args.max_new_tokens}: must be >= 1")
-    if not args.temperature >= 0:           # also refuses nan
-        raise ValueError(f"--temperature {args.temperature}: must be >= 0 (0 = greedy)")
+    if not 0 <= args.temperature < float("inf"):   # nan too; inf would sample uniformly, not from the model
+        raise ValueError(f"--temperature {args.temperature}: must be a finite number >= 0 (0 = greedy)")
     if args.top_p is not None and not 0 < args.top_p <= 1:
         raise ValueError(f"--top-p {args.top_p}: must be in (0, 1]")
     if args.top_k is not None and args.top_k < 1:

@@ -6,11 +6,18 @@ to disk (fsync), then renamed over the destination: a reader sees the old file o
 never half of one, and a kill at any moment leaves at worst a temp file, which the next run in
 that directory removes (clean_temp_files). On any failure, Ctrl-C and a full disk included, the
 temp file is removed before the error goes on; a full disk becomes DiskFull with one clear line.
+
+Checksums. save_torch appends a trailer to the file torch.save wrote: the sha256 of those bytes and
+their length (torch.load, and any zip reader, ignore bytes after the archive). load_torch checks it
+before unpickling anything, so a flipped bit is one line naming the file, not weights that load
+and quietly differ. A file that ends with the zip archive itself is an older checkpoint without a
+trailer: it loads unverified.
 """
 from __future__ import annotations
 
 import contextlib
 import errno
+import hashlib
 import json
 import os
 import shutil
@@ -34,6 +41,59 @@ def _disk_full(e: BaseException, path: str) -> BaseException:
         return DiskFull(e.errno, f"no space left on the device while writing {path}; the previous "
                                  "version (if any) is intact. Free some space and run the same command again")
     return e
+
+
+class UnusableDirectory(OSError):
+    """An output directory that cannot be created or written. `machine` is True where the machine
+    is at fault (a read-only mount, an I/O error: exit code 1), False where the path is (a file in
+    the way, no permission: a mistake, exit code 2)."""
+
+    machine = False
+
+    def __str__(self) -> str:
+        return self.strerror
+
+
+MACHINE_ERRNOS = (errno.EROFS, errno.EIO, errno.ENOSPC, errno.EDQUOT)
+
+
+def unusable_directory(e: OSError, path: str, what: str = "the output directory") -> UnusableDirectory:
+    """One clear line for an OSError met while creating or locking the directory `path`."""
+    if e.errno == errno.EROFS:
+        text = f"{what} {path} is on a read-only file system; choose a writable place (or remount it read-write)"
+    elif e.errno in (errno.EACCES, errno.EPERM):
+        text = f"{what} {path} cannot be written: permission denied ({e.filename}); choose another place"
+    elif e.errno in (errno.ENOTDIR, errno.EEXIST):
+        text = f"{what} {path} cannot be a directory: a part of that path is a file ({e.filename})"
+    else:
+        text = f"{what} {path} cannot be created or written ({e.strerror}: {e.filename})"
+    err = UnusableDirectory(e.errno, text)
+    err.machine = e.errno in MACHINE_ERRNOS
+    return err
+
+
+def exit_quietly_on_ctrl_c(message: str = "interrupted", code: int = 130) -> None:
+    """Until main() runs, make Ctrl-C end the process at once with one line and exit code `code`
+    (the one the script gives Ctrl-C later: 130, or 1 for train.py and study.py),
+    not a KeyboardInterrupt traceback from inside an import (torch alone loads for seconds);
+    nothing is written before main(), so there is nothing to clean up. A script calls this at its
+    top, before its heavy imports; runtime.run_cli (or the script) restores Python's handler."""
+    import signal
+    import sys
+
+    def stop(signum, frame):
+        sys.stderr.write(f"{message}\n")
+        sys.stderr.flush()
+        os._exit(code)
+    signal.signal(signal.SIGINT, stop)
+
+
+def restore_ctrl_c() -> None:
+    """Python's own Ctrl-C again (KeyboardInterrupt), for main()'s cleanup and messages."""
+    import signal
+    import threading
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 def fsync_dir(directory: str) -> None:
@@ -68,25 +128,116 @@ def atomic_write(path: str, write: Callable[[BinaryIO], None]) -> None:
     fsync_dir(directory)
 
 
+class CorruptFile(RuntimeError):
+    """A file whose contents are not what was written (its checksum differs, or it is unreadable)."""
+
+
+# the checksum trailer: payload length (8 bytes, little-endian), sha256 of the payload (32), magic (8)
+TRAILER_MAGIC = b"KRONYSUM"
+TRAILER_BYTES = 8 + 32 + len(TRAILER_MAGIC)
+ZIP_END = b"PK\x05\x06"        # a zip's end-of-central-directory record, the last 22 bytes of torch.save's file
+ZIP_END_BYTES = 22
+CHUNK = 1 << 24
+
+
+def file_sha256(path: str, length: int | None = None, each_chunk: Callable[[memoryview], None] | None = None) -> str:
+    """sha256 of a file's first `length` bytes (all of it by default), streamed; each_chunk sees
+    every chunk too (one pass for several checks)."""
+    h, buf = hashlib.sha256(), bytearray(CHUNK)
+    view = memoryview(buf)
+    with open(path, "rb", buffering=0) as f:
+        left = os.fstat(f.fileno()).st_size if length is None else length
+        while left > 0:
+            n = f.readinto(view[:min(CHUNK, left)])
+            if not n:
+                break
+            h.update(view[:n])
+            if each_chunk is not None:
+                each_chunk(view[:n])
+            left -= n
+    return h.hexdigest()
+
+
+def file_identity(path: str) -> list[int]:
+    """What changes whenever a file's bytes may have: a rewrite, a copy, a touch (ctime cannot be
+    set back by a user, so a tool that restores mtime still shows)."""
+    st = os.stat(path)
+    return [st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns]
+
+
+_VERIFIED: set[tuple] = set()     # (path, identity) of the files this process has checked already
+
+
+def verify_checksum(path: str) -> bool:
+    """Check the trailer save_torch wrote; True when verified, False for a file without one (an
+    older checkpoint), CorruptFile when the bytes are not the ones written."""
+    key = (os.path.abspath(path), *file_identity(path))
+    if key in _VERIFIED:
+        return True
+    size = os.path.getsize(path)
+    with open(path, "rb") as f:
+        f.seek(max(0, size - TRAILER_BYTES))
+        tail = f.read()
+    if tail.endswith(TRAILER_MAGIC) and size >= TRAILER_BYTES:
+        length, digest = int.from_bytes(tail[:8], "little"), tail[8:40].hex()
+        if length != size - TRAILER_BYTES:
+            raise CorruptFile(f"{path} is corrupt: it holds {size - TRAILER_BYTES:,} bytes before its checksum, "
+                              f"not the {length:,} that were written (truncated or damaged){_advice(path)}")
+        if file_sha256(path, length) != digest:
+            raise CorruptFile(f"{path} is corrupt: its contents do not match the checksum stored when it was "
+                              f"written (a damaged disk or copy){_advice(path)}")
+        _VERIFIED.add(key)
+        return True
+    if tail[-ZIP_END_BYTES:][:4] == ZIP_END:
+        return False                    # written before checksums: the archive ends the file
+    raise CorruptFile(f"{path} is truncated or corrupt: it ends neither with its checksum nor with a "
+                      f"complete archive{_advice(path)}")
+
+
+def _advice(path: str) -> str:
+    """What to use instead of a damaged file: the run directory's other checkpoint, where there is one."""
+    other = {"ckpt_best.pt": "ckpt_last.pt", "ckpt_last.pt": "ckpt_best.pt"}.get(os.path.basename(path))
+    if other and os.path.isfile(os.path.join(os.path.dirname(path), other)):
+        return f"; {other} beside it may be intact: use that one"
+    return "; use another copy, or write it again"
+
+
+def load_torch(path: str, map_location="cpu", mmap: bool = False):
+    """torch.load(weights_only=True) of a file save_torch wrote, its checksum verified first;
+    CorruptFile (one line naming the file) when it is damaged or unreadable."""
+    import torch
+    verify_checksum(path)
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
+    except Exception as e:
+        raise CorruptFile(f"{path} is not a readable checkpoint ({type(e).__name__}: {' '.join(str(e).split())[:200]}); "
+                          f"it may be truncated or corrupt{_advice(path)}") from e
+
+
 class _RecordingWriter:
-    """A file's write() that remembers the OSError it raised (see save_torch)."""
+    """A file's write() that remembers the OSError it raised (see save_torch), and hashes what
+    it writes (the checksum trailer)."""
 
     def __init__(self, f: BinaryIO):
         self.f, self.error = f, None
+        self.sha, self.length = hashlib.sha256(), 0
 
     def write(self, b) -> int:
         try:
-            return self.f.write(b)
+            n = self.f.write(b)
         except OSError as e:
             self.error = e
             raise
+        self.sha.update(memoryview(b)[:n])
+        self.length += n
+        return n
 
     def flush(self) -> None:
         self.f.flush()
 
 
 def save_torch(obj, path: str) -> None:
-    """torch.save, atomically."""
+    """torch.save, atomically, with the checksum trailer (see the module docstring)."""
     import torch
 
     def save(f: BinaryIO) -> None:
@@ -99,6 +250,7 @@ def save_torch(obj, path: str) -> None:
             if writer.error is not None:
                 raise writer.error from None
             raise
+        f.write(writer.length.to_bytes(8, "little") + writer.sha.digest() + TRAILER_MAGIC)
     atomic_write(path, save)
 
 

@@ -49,9 +49,15 @@ train.log, the full log of its training), and
 
 Resumable: a finished run is skipped, an interrupted one resumes from its checkpoint (train.py does
 that by itself with the same command), and a run whose keys changed since it ran is an error that
-names it. A failing run is reported and the others go on.
+names it. A failing run is reported and the others go on (an evaluation that fails counts; the
+exit code is then 1). Every key, eval_datasets and eval_data_files included, is checked first.
 """
 from __future__ import annotations
+
+import storage  # first: stdlib only, so that Ctrl-C while torch loads is one line
+
+if __name__ == "__main__":
+    storage.exit_quietly_on_ctrl_c(code=1)          # the exit code of its Ctrl-C during the run
 
 import argparse
 import json
@@ -65,11 +71,11 @@ import time
 
 import torch
 
-import storage
 from config import (ConfigError, TrainConfig, TrainError, config_diff, config_from, format_diff,
                     load_config_file, parse_override, to_overrides)
 from checkpoints import CKPT_BEST, CKPT_LAST, RUN_JSON, load_checkpoint, resolve_model, source_spec
 from compress import build
+from data import EVAL_DATASETS
 from plots import plot
 from runtime import format_duration
 
@@ -110,6 +116,14 @@ def load_study(path: str, overrides: list[str]) -> tuple[dict, list[tuple[str, o
     for k in ("eval_data_files", "eval_datasets"):
         if not isinstance(study[k], (list, tuple)):
             raise StudyError(f"{k}={study[k]!r} must be a list")
+    # what eval_ppl.py would refuse after every run has trained: refused now
+    unknown = [d for d in study["eval_datasets"] if not isinstance(d, str) or d not in EVAL_DATASETS]
+    if unknown:
+        raise StudyError(f"eval_datasets: unknown data set(s) {', '.join(map(repr, unknown))}; choose from "
+                         f"{', '.join(EVAL_DATASETS)}, or score a local file with eval_data_files")
+    missing = [f for f in study["eval_data_files"] if not isinstance(f, str) or not os.path.isfile(f)]
+    if missing:
+        raise StudyError(f"eval_data_files: no such file {', '.join(map(repr, missing))}")
     return study, common
 
 
@@ -401,6 +415,9 @@ def _run(study: dict, teacher_plan: dict | None, plans: list[dict], path: str, t
         raise StudyError(f"the teacher failed, so no run can start from it: {summary['status']}")
     evals = evaluate(teacher_model, os.path.join(teacher_dir, "eval.json"), study, device,
                      os.path.join(teacher_dir, "eval.log"), checkpoint_stamp(teacher_dir) or str(teacher_model))
+    if evals is None:
+        summary["status"] = f"evaluation failed: {tail(os.path.join(teacher_dir, 'eval.log'))}"
+        print(f"[1/{n}] {TEACHER}: {summary['status']}", flush=True)
     records = [record(TEACHER, teacher_keys, summary, evals, teacher=True)]
     if teacher_plan:
         eta.done(not summary.get("skipped"), f"[1/{n}]")
@@ -507,8 +524,11 @@ def replot(study_json: str, png: str, title: str) -> None:
 
 
 if __name__ == "__main__":
+    storage.restore_ctrl_c()
     try:
-        main()
+        records = main()
+        if any(r["status"] != "ok" for r in records):
+            sys.exit(1)         # the table is written; the summary line above names the failed runs
     except (TrainError, FileNotFoundError, storage.DirectoryLocked, storage.DiskFull) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)

@@ -32,7 +32,9 @@ Your runs are safe:
                            --overwrite=True (start over); a finished run says so and exits 0
   checkpoints              written atomically (unique temp file, fsync, rename), ckpt_best.pt before
                            ckpt_last.pt, so a kill at any moment leaves both loadable and the same
-                           command resumes; temp files of a killed run are removed on the next start
+                           command resumes from the newer; temp files of a killed run are removed on
+                           the next start; each ends with a sha256 of its bytes, verified on load (a
+                           damaged one is skipped for the other, with a warning)
 
 Distillation (distill_from=MODEL, any model a script can load): the loss becomes
   (1 - distill_alpha) * cross-entropy + distill_alpha * T^2 * KL(teacher || student, at temperature T)
@@ -41,6 +43,11 @@ The teacher is frozen, in eval mode, on the same device under the same autocast,
 by DDP; the KL is computed a chunk of positions at a time (distill_chunk) to bound its memory.
 """
 from __future__ import annotations
+
+import storage  # first: stdlib only, so that Ctrl-C while torch loads is one line
+
+if __name__ == "__main__":
+    storage.exit_quietly_on_ctrl_c(code=1)          # the exit code of its Ctrl-C during the run
 
 import argparse
 import gc
@@ -54,7 +61,6 @@ import torch
 
 import data
 import runtime
-import storage
 from checkpoints import (CKPT_BEST, CKPT_LAST, RUN_JSON, from_pretrained, load_checkpoint, load_model,
                          model_from_checkpoint, rebuilt, resolve_model, save_checkpoint)
 from compress import architecture, build, compress, format_report, spec_of
@@ -114,8 +120,8 @@ def build_model(cfg: TrainConfig, log, tokens: data.TokenData | None = None, dev
         return model
     except TrainError:
         raise
-    except (ValueError, FileNotFoundError, RuntimeError) as e:
-        raise TrainError(f"could not build the model for init_from={init!r}: {e}") from e
+    except (ValueError, OSError, RuntimeError) as e:     # a model that cannot be read or fetched: as if missing
+        raise ConfigError(f"could not build the model for init_from={init!r}: {e}") from e
 
 
 def load_teacher(cfg: TrainConfig, student: GPT, device: torch.device, log) -> GPT | None:
@@ -124,8 +130,8 @@ def load_teacher(cfg: TrainConfig, student: GPT, device: torch.device, log) -> G
         return None
     try:
         teacher = load_model(cfg.distill_from)
-    except (ValueError, FileNotFoundError, RuntimeError) as e:
-        raise TrainError(f"could not load the teacher distill_from={cfg.distill_from!r}: {e}") from e
+    except (ValueError, OSError, RuntimeError) as e:
+        raise ConfigError(f"could not load the teacher distill_from={cfg.distill_from!r}: {e}") from e
     t, s = teacher.config, student.config
     if t.vocab_size != s.vocab_size:
         raise ConfigError(f"distillation needs one vocabulary: the teacher {cfg.distill_from} has {t.vocab_size} "
@@ -188,6 +194,8 @@ class Trainer:
         self.ckpt_last = os.path.join(cfg.out_dir, CKPT_LAST)
         self.ckpt_best = os.path.join(cfg.out_dir, CKPT_BEST)
         self.iter_num, self.best_val_loss, self.train_seconds = 0, float("inf"), 0.0
+        self.best_lost = False                          # ckpt_best.pt was damaged and moved aside
+        self.resume_path: str | None = None             # the checkpoint the run resumed from
         self.history: list[dict] = []                   # every evaluation: iter, tokens, train, val, seconds
         self.curve: list[dict] = []                     # every log step: iter, tokens, loss, lr
         self.result = {"losses": [], "iters": [], "evals": []}
@@ -263,10 +271,14 @@ class Trainer:
         or the checkpoint to resume from. Refuses to touch another run's checkpoints."""
         cfg, dist = self.cfg, self.dist
         if dist.master:
+            if os.path.exists(cfg.out_dir) and not os.path.isdir(cfg.out_dir):
+                raise ConfigError(f"out_dir={cfg.out_dir!r} is a file, not a directory; choose another out_dir")
             try:
                 self.lock = storage.RunLock(cfg.out_dir).acquire()
             except storage.DirectoryLocked as e:
                 raise TrainError(str(e)) from None
+            except OSError as e:
+                raise storage.unusable_directory(e, cfg.out_dir, "out_dir") from None
             removed = storage.clean_temp_files(cfg.out_dir)
             if removed:
                 self.log(f"removed {len(removed)} temp file(s) a killed run left in {cfg.out_dir}")
@@ -276,15 +288,12 @@ class Trainer:
                         os.remove(path)
                         self.log(f"overwrite=True: removed {path}")
         dist.barrier()
-        # the run's state is in ckpt_last.pt, or in ckpt_best.pt alone when a kill came between the
-        # first ckpt_best.pt and its copy ckpt_last.pt
-        found = [p for p in (self.ckpt_last, self.ckpt_best) if os.path.isfile(p)]
-        if not found:
+        if not any(os.path.isfile(p) for p in (self.ckpt_last, self.ckpt_best)):
             if cfg.init_from == "resume":
-                raise TrainError(f"init_from='resume' but there is no {self.ckpt_last}; start the run with "
-                                 "another init_from")
+                raise ConfigError(f"init_from='resume' but there is no {self.ckpt_last}; start the run with "
+                                  "another init_from")
             return None
-        self.resume_path = found[0]
+        self.resume_path = self.newest_checkpoint()
         ckpt = self.read_run_checkpoint(self.resume_path)
         diff = config_diff(ckpt["config"], self.stored)
         if cfg.init_from == "resume":
@@ -295,23 +304,49 @@ class Trainer:
                                   f"from its weights with --init_from={self.ckpt_last} and a new out_dir")
             if diff:
                 self.log(f"resuming with changed settings: {format_diff(diff)}")
-            return ckpt
-        if not diff:
+        elif not diff:
             self.log(f"{cfg.out_dir} holds this run at iteration {ckpt['iter_num']}: resuming it "
                      "(--overwrite=True starts over)")
-            return ckpt
-        old = ckpt["config"]
-        raise TrainError(
-            f"{cfg.out_dir} holds another run (init_from={old.get('init_from')!r}, iteration {ckpt['iter_num']} of "
-            f"{old.get('max_iters')}, best val loss {ckpt.get('best_val_loss', float('nan')):.4f}); its config differs: "
-            f"{format_diff(diff)}. To continue that run: --init_from=resume; to keep it: another --out_dir; "
-            "to replace it: --overwrite=True")
+        else:
+            old = ckpt["config"]
+            raise TrainError(
+                f"{cfg.out_dir} holds another run (init_from={old.get('init_from')!r}, iteration {ckpt['iter_num']} of "
+                f"{old.get('max_iters')}, best val loss {ckpt.get('best_val_loss', float('nan')):.4f}); its config "
+                f"differs: {format_diff(diff)}. To continue that run: --init_from=resume; to keep it: another "
+                "--out_dir; to replace it: --overwrite=True")
+        if self.best_lost and dist.master:      # out of the way (kept for a look); a new one comes
+            os.replace(self.ckpt_best, self.ckpt_best + ".corrupt")
+            self.log(f"moved the damaged {self.ckpt_best} to {os.path.basename(self.ckpt_best)}.corrupt; the run's "
+                     "next evaluation, if any, writes a new one")
+        return ckpt
+
+    def newest_checkpoint(self) -> str:
+        """The checkpoint holding the run's latest state: normally ckpt_last.pt, but ckpt_best.pt when
+        a kill came between it and its copy ckpt_last.pt (it is then newer), and the other one when
+        one is damaged (noted in best_lost for ckpt_best.pt, which the resume then moves aside)."""
+        iters, damaged = {}, {}
+        for path in (self.ckpt_last, self.ckpt_best):
+            if os.path.isfile(path):
+                try:       # mmap: only the metadata is read here (the checksum covers the whole file)
+                    iters[path] = load_checkpoint(path, mmap=True).get("iter_num", -1)
+                except (ValueError, OSError, RuntimeError) as e:
+                    damaged[path] = e
+        if not iters:
+            e = next(iter(damaged.values()))
+            raise ConfigError(f"{' '.join(str(e).split())}. No intact checkpoint is left in {self.cfg.out_dir}: "
+                              "move it away (or use --overwrite=True) to start over")
+        newest = max(iters, key=lambda p: (iters[p], p == self.ckpt_last))
+        for path, e in damaged.items():
+            self.log(f"warning: {' '.join(str(e).split())}. Resuming from {os.path.basename(newest)} instead "
+                     f"(iteration {iters[newest]})")
+            self.best_lost = self.best_lost or path == self.ckpt_best
+        return newest
 
     def read_run_checkpoint(self, path: str) -> dict:
         try:
             ckpt = load_checkpoint(path)
         except (ValueError, RuntimeError) as e:
-            raise TrainError(f"{e}. Move it away (or use --overwrite=True) to start over") from None
+            raise ConfigError(f"{e}. Move it away (or use --overwrite=True) to start over") from None
         if "optimizer" not in ckpt or "iter_num" not in ckpt or "config" not in ckpt:
             raise ConfigError(f"{path} holds weights only (no optimizer state or iteration), so it cannot be "
                               f"resumed; start a new run from it with --init_from={path} and another out_dir")
@@ -330,10 +365,8 @@ class Trainer:
         if ckpt.get("scaler"):
             self.scaler.load_state_dict(ckpt["scaler"])
         self.iter_num, self.best_val_loss = ckpt["iter_num"], ckpt["best_val_loss"]
-        # a kill between the two writes leaves the best one newer
-        if self.resume_path != self.ckpt_best and os.path.isfile(self.ckpt_best):
-            best = load_checkpoint(self.ckpt_best, mmap=True).get("best_val_loss", self.best_val_loss)
-            self.best_val_loss = min(self.best_val_loss, best)
+        if self.best_lost:          # the next evaluation writes a new ckpt_best.pt, whatever its loss
+            self.best_val_loss = float("inf")
         self.history, self.train_seconds = list(ckpt.get("history", [])), ckpt.get("train_seconds", 0.0)
         self.curve = list(ckpt.get("curve", []))
         self.data_gen.set_state(ckpt["data_rng"])
@@ -470,6 +503,12 @@ class Trainer:
         B, T = cfg.batch_size, cfg.block_size
         self.tokens_per_iter = cfg.gradient_accumulation_steps * B * T
         if self.iter_num >= cfg.max_iters and self.iter_num > 0:
+            if self.resume_path == self.ckpt_best and os.path.isfile(self.ckpt_last) and dist.master:
+                # killed between the final ckpt_best.pt and its copy: finish that copy, as no later
+                # evaluation will (a continuing run rewrites ckpt_last.pt at its next evaluation)
+                storage.atomic_copy(self.ckpt_best, self.ckpt_last)
+                self.log(f"{self.ckpt_last} was older than {os.path.basename(self.ckpt_best)} (a run killed between "
+                         "the two): copied the newer one over it")
             self.log(f"the run in {cfg.out_dir} is finished (iteration {self.iter_num} of {cfg.max_iters}, best val loss "
                      f"{self.best_val_loss:.4f}); nothing to do")
             return self.finish()
@@ -644,14 +683,22 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
+    storage.restore_ctrl_c()
     try:
         main(sys.argv[1:])
     except storage.DiskFull as e:
         sys.exit(f"error: {e}")
-    except (ConfigError, FileNotFoundError) as e:     # a wrong key or value, a missing file: exit 2, as argparse
+    except storage.UnusableDirectory as e:
+        if e.machine:                                 # a read-only mount: the machine's fault, exit 1
+            sys.exit(f"error: {e}")
         print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except (ConfigError, FileNotFoundError, data.DataError) as e:   # a wrong key or value, a missing or
+        print(f"error: {' '.join(str(e).split())}", file=sys.stderr)  # damaged file: exit 2, as argparse
         sys.exit(2)
     except TrainError as e:
         sys.exit(f"error: {e}")
+    except OSError as e:                              # the machine (an I/O error, a mount gone read-only)
+        sys.exit(f"error: {' '.join(str(e).split())}")
     except KeyboardInterrupt:
         sys.exit("interrupted; the checkpoints are intact: run the same command to resume")

@@ -134,7 +134,7 @@ def test_killed_overwrite_leaves_the_old_output_or_the_new_one(tmp_path, corpora
         if restored:            # killed between the swap's two renames: the next run restores the old output
             assert data.prepare(corpora["new"], out)["source"] == corpora["old"]
         # the old output whole, or (killed after the swap) the new one whole: never a mixture
-        names = set(os.listdir(out)) - {data.LOCK_NAME}
+        names = set(os.listdir(out)) - {data.LOCK_NAME, data.VERIFIED_NAME}
         assert names == {"train.bin", "val.bin", "meta.json"}, (moment, names)
         if snapshot(out) != old:                   # the kill came after the swap, or the run finished
             meta = data.TokenData(out).meta         # checks sizes and checksums against meta.json
@@ -228,13 +228,22 @@ def test_random_bytes_as_train_bin(tmp_path):
         f.write(junk)
     with pytest.raises(data.DataError, match="checksum of its first"):
         data.TokenData(d)
-    # a meta.json without checksums (an older prepare_owt.py): the size agrees, so the batch check
-    # must stop the random ids before they reach an embedding
+    # a meta.json without checksums (an older prepare_owt.py): the size agrees, so it is refused until
+    # the checksums are recorded, which the random ids do not pass
     meta_path = os.path.join(d, "meta.json")
     meta = json.load(open(meta_path))
-    del meta["header_sha256"]
+    del meta["header_sha256"], meta["sha256"]
     storage.write_json(meta, meta_path)
+    with pytest.raises(data.DataError, match=r"records no checksum of the whole token files"):
+        data.TokenData(d)
+    with pytest.raises(data.DataError, match=r"train\.bin holds token id \d+, not below vocab_size=50257"):
+        data.record_checksums(d)
+    # bytes that change under a running reader: the batch check stops them before an embedding
+    d = str(tmp_path / "e")
+    data.write_token_files(d, {"train": np.arange(20000) % 1000, "val": np.arange(300)})
     td = data.TokenData(d)
+    with open(path := os.path.join(d, "train.bin"), "r+b") as f:
+        f.write(junk[:os.path.getsize(path)])
     offsets = td.sample_offsets("train", 64, (8,), torch.Generator().manual_seed(0))
     with pytest.raises(data.DataError, match=r"train\.bin holds token id \d+, not below vocab_size=50257"):
         td.batch("train", offsets, 64)
@@ -328,7 +337,7 @@ def test_output_directory_rules(tmp_path, corpora, tiktoken_gpt2):
     data.prepare(str(out / "copy.txt"), str(out), val_fraction=0.2, overwrite=True)
     assert sha(out / "copy.txt") == sha(corpora["old"])
     assert data.TokenData(str(out)).meta["val_fraction"] == 0.2
-    assert sorted(os.listdir(out)) == ["copy.txt", "meta.json", "train.bin", "val.bin"]
+    assert sorted(os.listdir(out)) == [data.VERIFIED_NAME, "copy.txt", "meta.json", "train.bin", "val.bin"]
     # a directory with sub-directories is not replaced whole
     (out / "notes").mkdir()
     with pytest.raises(data.DataError, match="holds notes, which no prepared dataset has"):
@@ -365,7 +374,7 @@ def test_disk_full_while_preparing(tmp_path, corpora, tiktoken_gpt2, monkeypatch
     with pytest.raises(SystemExit) as e:
         prepare_owt.main(["--dataset", corpora["old"], "--out", out, "--overwrite"])
     err = capsys.readouterr().err                  # the progress bars, then one line
-    assert e.value.code == 2 and "Traceback" not in err
+    assert e.value.code == 1 and "Traceback" not in err        # the machine's fault, not a mistake
     assert err.strip().splitlines()[-1].startswith(f"error: no space left on the device while writing {out}")
     assert snapshot(out) == old and not leftovers(tmp_path)
 
@@ -521,7 +530,7 @@ def test_sample_cli_mistakes(tmp_path, tiny_hf_dir):
         (base + ("--top-k", "0"), "--top-k 0: must be >= 1", True),
         (base + ("--prompt-file", tmp_path / "none.txt"), f"--prompt-file {tmp_path / 'none.txt'}: no such file", True),
         (base + ("--top-p", "1.5"), "--top-p 1.5: must be in (0, 1]", False),
-        (base + ("--temperature", "-1"), "--temperature -1.0: must be >= 0", False),
+        (base + ("--temperature", "-1"), "--temperature -1.0: must be a finite number >= 0", False),
         (("--model", tmp_path / "none.pt"), "no such directory or checkpoint", False),
     ]
     check_cli_mistakes("sample.py", sample.main, cases)
@@ -736,17 +745,16 @@ def test_kills_during_checkpoint_writes_leave_a_run_that_resumes_exactly(tmp_pat
     assert "removed 1 temp file(s) a killed run left" in proc.stdout and "resuming at iteration 2" in proc.stdout
     assert not set(left) & set(temp_files(out))
     assert_checkpoints_consistent(out, 4, 6)
-    # 3. the same command resumes at 4 and knows ckpt_best.pt holds iteration 6's loss: at 6 it writes
-    # ckpt_last.pt only (the best is not rewritten); Ctrl-C in the middle of writing ckpt_best.pt at 8:
-    # one line, the temp file removed, the checkpoints as they were after iteration 6
+    # 3. the same command resumes from the newer one, ckpt_best.pt of iteration 6; Ctrl-C in the middle
+    # of writing ckpt_best.pt at 8: one line, the temp file removed, the checkpoints as they were
     best = sha(out / "ckpt_best.pt")
     proc = stop_in("ckpt_best.pt:1", signal.SIGINT)
-    assert "resuming at iteration 4" in proc.stdout
+    assert "resuming at iteration 6" in proc.stdout
     assert proc.returncode == 1 and "Traceback" not in proc.stderr
     assert proc.stderr.strip().splitlines() == ["interrupted; the checkpoints are intact: run the same command "
                                                 "to resume"]
     assert temp_files(out) == [] and sha(out / "ckpt_best.pt") == best
-    assert_checkpoints_consistent(out, 6, 6)
+    assert_checkpoints_consistent(out, 4, 6)
     # the same command, uninterrupted: it finishes with what an uninterrupted run computes
     capsys.readouterr()
     resumed = train.main(args)
@@ -810,6 +818,8 @@ def test_disk_full_while_saving(tmp_path, data_dir, monkeypatch, capsys, where, 
     if where == "run.json":                                      # the last thing a run writes
         assert res["iters"] == [] and "is finished" in capsys.readouterr().out
         assert (out / "run.json").exists()
+    elif where == "ckpt_last.pt":                                # ckpt_best.pt of iteration 4 is newer
+        assert res["iters"] == [5, 6]
     else:
         assert res["iters"] == [3, 4, 5, 6]
     assert_checkpoints_consistent(out, 6, 6)

@@ -127,6 +127,13 @@ BAD = [
     ("runs = [dict(name='a', mlp='kron', kron_b_shape=(3, 3))]", "run .a.*B shape \\(3, 3\\) does not tile"),
     ("runs = [dict(mlp='kron')]", "every run is a dict with a 'name'"),
     ("runs = []", "non-empty list"),
+    # found before anything trains, not after every run has trained and failed its evaluation
+    ("runs = [dict(name='a', mlp='kron', kron_b_shape=(2, 2))]\neval_datasets = ['foo']",
+     r"eval_datasets: unknown data set\(s\) 'foo'; choose from wikitext-103"),
+    ("runs = [dict(name='a', mlp='kron', kron_b_shape=(2, 2))]\neval_data_files = ['no/such.txt']",
+     "eval_data_files: no such file 'no/such.txt'"),
+    ("runs = [dict(name='a', mlp='kron', kron_b_shape=(2, 2), distill_from='teacher', "
+     "distill_temperature=float('inf'))]", "run 'a': distill_temperature=inf is not a finite number"),
 ]
 
 
@@ -300,3 +307,16 @@ def test_eta_of_the_runs_left(monkeypatch, capsys):
     eta.start()
     eta.done(True, "[4/4]")
     assert capsys.readouterr().out == ""
+
+
+def test_a_teacher_whose_evaluation_fails_is_not_ok(tmp_path, data_dir, monkeypatch, capsys):
+    """Every evaluation failing (e.g. offline) shows in the teacher's status too, and study.py's exit code."""
+    spec, common = study.load_study(study_file(tmp_path, data_dir), [])
+    teacher, plans = study.plan_runs(spec, common, "study.py")
+    summary = {"status": "ok", "history": [{"tokens": 0, "val": 4.0}], "best_val_loss": 4.0, "num_params": 1}
+    monkeypatch.setattr(study, "train_run", lambda plan, index, echo: dict(summary))
+    monkeypatch.setattr(study, "evaluate", lambda *a, **k: None)
+    monkeypatch.setattr(study, "write_outputs", lambda *a, **k: None)
+    records = study._run(spec, teacher, plans, "study.py")
+    assert [r["status"].split(":")[0] for r in records] == ["evaluation failed"] * (1 + len(plans))
+    assert "teacher: evaluation failed" in capsys.readouterr().out
