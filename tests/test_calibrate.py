@@ -380,9 +380,8 @@ def test_calib_tokens_out_of_range_is_a_clear_error(calib):
 
 
 def test_a_layer_reading_a_swapped_order_is_refused():
-    from model import GPT, GPTConfig
-    model = GPT(GPTConfig(block_size=16, vocab_size=64, n_layer=1, n_head=2, n_embd=16, mlp="kron",
-                          kron_b_shape=(2, 2)))
+    from conftest import gpt
+    model = gpt(block_size=16, vocab_size=64, n_layer=1, n_head=2, n_embd=16, mlp="kron", kron_b_shape=(2, 2))
     assert model.transformer.h[0].mlp.c_proj.swap_in            # B 2x2: the MLP passes its hidden swapped
     with pytest.raises(ValueError, match="swap"):
         collect_moments(model, ["transformer.h.0.mlp.c_proj"], [torch.zeros(1, 4, dtype=torch.long)])

@@ -317,6 +317,6 @@ def test_a_teacher_whose_evaluation_fails_is_not_ok(tmp_path, data_dir, monkeypa
     monkeypatch.setattr(study, "train_run", lambda plan, index, echo: dict(summary))
     monkeypatch.setattr(study, "evaluate", lambda *a, **k: None)
     monkeypatch.setattr(study, "write_outputs", lambda *a, **k: None)
-    records = study._run(spec, teacher, plans, "study.py")
+    records = study._run(spec, teacher, plans, "study.py", "study study.py")
     assert [r["status"].split(":")[0] for r in records] == ["evaluation failed"] * (1 + len(plans))
     assert "teacher: evaluation failed" in capsys.readouterr().out
