@@ -300,7 +300,7 @@ def model_worker(args) -> None:
 
 
 def run_worker(args, name: str) -> dict:
-    cmd = [sys.executable, os.path.abspath(__file__), "--worker-model", name, "--device", args.device,
+    cmd = [sys.executable, os.path.abspath(__file__), "--worker_model", name, "--device", args.device,
            "--dtype", args.dtype, "--batch", str(args.batch), "--seq", str(args.seq),
            "--repeats", "1", "--warmup", "0"]
     cmd += ["--quick"] if args.quick else []
@@ -420,8 +420,8 @@ def bench_data(args) -> dict:
     docs = [p for p in text.split("\n\n") if p.strip()] * repeat
     if args.quick:
         docs = docs[:2000]
-    from data import tokenize_batch
-    source = "data.tokenize_batch (tiktoken GPT-2 BPE, one process)"
+    from corpus import tokenize_batch
+    source = "corpus.tokenize_batch (tiktoken GPT-2 BPE, one process)"
 
     def encode(batch: list[str]) -> int:
         return sum(tokenize_batch({"text": batch}, "text")["len"])

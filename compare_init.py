@@ -62,7 +62,7 @@ def eval_windows(tokens: np.ndarray, n_windows: int, block_size: int) -> torch.T
     span = len(tokens) - block_size - 1
     if span < 0:
         raise ValueError(f"the data holds {len(tokens)} tokens, fewer than block_size + 1 = {block_size + 1}; "
-                         "use a smaller --block-size or more data")
+                         "use a smaller --block_size or more data")
     starts = np.linspace(0, span, n_windows).astype(np.int64)
     return torch.stack([torch.from_numpy(np.asarray(tokens[s:s + block_size + 1]).astype(np.int64)) for s in starts])
 

@@ -67,7 +67,7 @@ def load_rows(dataset: str, split: str | None = None) -> list[str]:
     """The rows of a hub dataset's split, as `datasets` stores them."""
     if dataset not in DATASETS:
         raise ValueError(f"unknown dataset {dataset!r}; choose from {', '.join(DATASETS)} "
-                         "or evaluate a local file with --data-file PATH")
+                         "or evaluate a local file with --data_file PATH")
     path, config, default_split = DATASETS[dataset]
     split = split or default_split
     from datasets import load_dataset
@@ -82,7 +82,7 @@ def load_rows(dataset: str, split: str | None = None) -> list[str]:
             raise RuntimeError(
                 f"could not load {dataset!r} ({path}, config {config}, split {split}) from the Hugging Face "
                 f"hub, nor its refs/convert/parquet revision ({type(second).__name__}: {second}). Offline? "
-                f"Evaluate a local copy instead with --data-file PATH (a text file with one dataset row per "
+                f"Evaluate a local copy instead with --data_file PATH (a text file with one dataset row per "
                 f"line, or a .jsonl file with a 'text' field per row).") from second
     return list(ds["text"])
 
@@ -95,20 +95,20 @@ def read_data_file(path: str) -> list[str]:
     line is the empty string. So a WikiText split written one row per line
     gives the same joined text, tokens and perplexity as the hub's copy."""
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"--data-file {path}: no such file")
+        raise FileNotFoundError(f"--data_file {path}: no such file")
     if path.endswith(".json"):        # e.g. the meta.json of a prepared directory: its text is no data set
-        raise ValueError(f"--data-file {path} is a .json file, not a data set: give a text file, a .jsonl file "
+        raise ValueError(f"--data_file {path} is a .json file, not a data set: give a text file, a .jsonl file "
                          "with a 'text' field per line, or a token file (the train.bin or val.bin beside a "
                          "meta.json)")
     try:
         with open(path, encoding="utf-8", newline="") as f:
             text = f.read()
     except UnicodeDecodeError as e:
-        raise ValueError(f"--data-file {path} is not UTF-8 text (byte {e.object[e.start]:#04x} at offset "
+        raise ValueError(f"--data_file {path} is not UTF-8 text (byte {e.object[e.start]:#04x} at offset "
                          f"{e.start:,}); convert it first, e.g. iconv -f latin1 -t utf-8 {path} > converted.txt"
                          ) from None
     if not text.strip():
-        raise ValueError(f"--data-file {path} is empty: there is nothing to evaluate")
+        raise ValueError(f"--data_file {path} is empty: there is nothing to evaluate")
     lines = text.split("\n")
     if text.endswith("\n"):
         lines = lines[:-1]          # the file's final newline ends the last row, it is no extra row
@@ -131,20 +131,20 @@ def read_token_file(path: str) -> list[int]:
     """The tokens of a prepared token file (a train.bin / val.bin of prepare_owt.py), checked
     against the meta.json beside it: evaluated as they are, no tokenizer involved."""
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"--data-file {path}: no such file")
+        raise FileNotFoundError(f"--data_file {path}: no such file")
     directory, name = os.path.split(os.path.abspath(path))
     split = name[:-len(".bin")]
     if split not in SPLITS:
         size = os.path.getsize(path)
         odd = f"; its {size:,} bytes are not even a whole number of uint16 tokens" if size % 2 else ""
-        raise ValueError(f"--data-file {path}: a token file is the train.bin or val.bin of a directory "
+        raise ValueError(f"--data_file {path}: a token file is the train.bin or val.bin of a directory "
                          f"prepare_owt.py wrote (checked against the meta.json beside it), not {name}{odd}")
     try:
         tokens = TokenData(directory, log=lambda m: print(m, file=sys.stderr)).splits[split]
     except (DataError, FileNotFoundError) as e:
-        raise ValueError(f"--data-file {path}: {e}") from None
+        raise ValueError(f"--data_file {path}: {e}") from None
     if len(tokens) < 2:
-        raise ValueError(f"--data-file {path} holds {len(tokens)} token(s): there is nothing to evaluate")
+        raise ValueError(f"--data_file {path} holds {len(tokens)} token(s): there is nothing to evaluate")
     return tokens.tolist()
 
 
@@ -372,7 +372,7 @@ def markdown_table(records: list[dict]) -> str:
 def parse_args(argv=None) -> argparse.Namespace:
     p = ArgumentParser(
         description="Perplexity (and LAMBADA last-word accuracy) of GPT-2 style models.",
-        epilog="Protocols: 'paper' = windows of --block-size tokens, stride = block size, "
+        epilog="Protocols: 'paper' = windows of --block_size tokens, stride = block size, "
                "ppl = exp(mean of window means) (the Krony-PT numbers); 'sliding' = windows every "
                "--stride tokens, only new tokens scored, token-weighted mean (lower, fairer).")
     p.add_argument("--model", action="append", required=True,
@@ -380,7 +380,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "(gpt2, distilgpt2, ...); repeat for a comparison table")
     p.add_argument("--datasets", default=None,
                    help=f"comma-separated, from: {', '.join(DATASETS)} (default wikitext-103,wikitext-2,lambada "
-                        "unless --data-file is given)")
+                        "unless --data_file is given)")
     p.add_argument("--data_file", action="append", default=[],
                    help="local text file, one dataset row per line (WikiText's format), or .jsonl with a "
                         "'text' field per row (LAMBADA's format; last-word accuracy is reported too), or a prepared "
@@ -403,11 +403,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--out", default=None, help="write the records as a JSON list here")
     args = p.parse_args(argv)
     if args.batch_size < 1:
-        raise ValueError(f"--batch-size {args.batch_size}: must be >= 1")
+        raise ValueError(f"--batch_size {args.batch_size}: must be >= 1")
     if args.limit_tokens is not None and args.limit_tokens < 2:
-        raise ValueError(f"--limit-tokens {args.limit_tokens}: must be >= 2 (perplexity needs two tokens)")
+        raise ValueError(f"--limit_tokens {args.limit_tokens}: must be >= 2 (perplexity needs two tokens)")
     if args.block_size is not None and args.block_size < 2:
-        raise ValueError(f"--block-size {args.block_size}: must be >= 2 tokens")
+        raise ValueError(f"--block_size {args.block_size}: must be >= 2 tokens")
     if args.stride is not None:
         if args.protocol != "sliding":
             raise ValueError("--stride applies to --protocol sliding only (the paper protocol's stride is the "
@@ -415,7 +415,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         if args.stride < 1:
             raise ValueError(f"--stride {args.stride}: must be >= 1 (and below the context length)")
         if args.block_size is not None and args.stride >= args.block_size:
-            raise ValueError(f"--stride {args.stride} must be below --block-size {args.block_size}, or tokens "
+            raise ValueError(f"--stride {args.stride} must be below --block_size {args.block_size}, or tokens "
                              "would be scored without context")
     if args.datasets is None:
         args.datasets = "" if args.data_file else "wikitext-103,wikitext-2,lambada"
@@ -429,7 +429,7 @@ def main(argv=None) -> list[dict]:
     for d in args.datasets:
         if d not in DATASETS:
             raise ValueError(f"unknown dataset {d!r}; choose from {', '.join(DATASETS)} "
-                             "or evaluate a local file with --data-file PATH")
+                             "or evaluate a local file with --data_file PATH")
     check_model_names(args.model)
     if args.out:
         check_writable(args.out)

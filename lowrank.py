@@ -8,8 +8,8 @@ The low-rank family, the baselines Kronecker factors are compared against:
 - two commands (served by sizes.py, which also finds the rank r whose parameter count
   matches a Kronecker configuration):
 
-    python lowrank.py plan-rank --kron-shape 1536 384       # rank matching a Kronecker size
-    python lowrank.py count --targets '[{"pattern": "mlp.*", "layers": "odd", "method": "kron",
+    python lowrank.py plan-rank --kron_shape 1536 384       # rank matching a Kronecker size
+    python lowrank.py count --compress_targets '[{"pattern": "mlp.*", "layers": "odd", "method": "kron",
                                          "kron_shape": [1536, 384]}]'   # sizes of a setup
 
 Why stack along the output dimension: every member of a group maps the same

@@ -3,8 +3,8 @@ Tokenise OpenWebText (or any text dataset) into train.bin / val.bin for train.py
 
     python prepare_owt.py                                   # OpenWebText from the hub -> data/openwebtext
     python prepare_owt.py --dataset ../shared/data/tinyshakespeare.txt --out data/shakespeare
-    python prepare_owt.py --dataset corpus.jsonl --text-column body --out data/mine
-    python prepare_owt.py --dataset some/hf-dataset --split train --text-column text --out data/x
+    python prepare_owt.py --dataset corpus.jsonl --text_column body --out data/mine
+    python prepare_owt.py --dataset some/hf-dataset --split train --text_column text --out data/x
 
 Output, in --out:
   train.bin, val.bin  GPT-2 BPE token ids as a flat uint16 array (np.memmap), each
@@ -18,7 +18,7 @@ train.py; --record_checksums adds them without tokenising again, after checking 
 sizes, header checksums and token ids.
 
 Documents. A hub dataset, .jsonl or .parquet file: one row is one document (the
---text-column). A .txt file: --txt-docs says what a document is:
+--text_column). A .txt file: --txt_docs says what a document is:
   paragraph (default)  the text between blank lines (the blank lines themselves are dropped)
   file                 the whole file (give a directory or several files for many documents)
   line                 every non-empty line
@@ -30,7 +30,7 @@ tokenisation of a hub dataset is cached by `datasets` and is not redone). Until 
 rename the disk holds the old output and the new one. A finished output is detected
 and left alone unless --overwrite. A second run for the same --out waits for the first.
 
-The work itself lives in data.py (data.prepare); this file is its command line.
+The work itself lives in corpus.py (corpus.prepare); this file is its command line.
 """
 from __future__ import annotations
 
@@ -42,7 +42,8 @@ if __name__ == "__main__":
 import os
 import sys
 
-from data import OWT, TXT_DOCS, DataError, prepare, record_checksums
+from corpus import TXT_DOCS, prepare
+from data import OWT, DataError, record_checksums
 from runtime import ArgumentParser
 from storage import DiskFull, UnusableDirectory, unusable_directory
 

@@ -106,7 +106,7 @@ def sync(device: torch.device | str) -> None:
 
 class ArgumentParser(argparse.ArgumentParser):
     """argparse for every script: an option is spelled as its config key (--batch_size,
-    --kron_shape), and the dashed spelling earlier versions used (--batch-size, --kron-shape) is
+    --kron_shape), and the dashed spelling earlier versions used (--batch_size, --kron_shape) is
     still read as it, without appearing in --help, so that old commands keep working."""
 
     def parse_known_args(self, args=None, namespace=None):

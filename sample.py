@@ -1,8 +1,8 @@
 """
 Generate text from one of our checkpoints or a Hugging Face GPT-2.
 
-    python sample.py --model gpt2 --prompt "The meaning of life is" --num-samples 3
-    python sample.py --model out-krony81m-finetune --prompt-file prompt.txt --temperature 0.8 --top-p 0.95
+    python sample.py --model gpt2 --prompt "The meaning of life is" --num_samples 3
+    python sample.py --model out-krony81m-finetune --prompt_file prompt.txt --temperature 0.8 --top_p 0.95
     python sample.py --model distilgpt2 --interactive
 
 Generation keeps a KV cache (GPT.generate), so each new token costs one
@@ -53,19 +53,19 @@ def parse_args(argv=None) -> argparse.Namespace:
 def check_args(args: argparse.Namespace) -> None:
     """One-line errors for values argparse's types let through, before the model is loaded."""
     if args.num_samples < 1:
-        raise ValueError(f"--num-samples {args.num_samples}: must be >= 1")
+        raise ValueError(f"--num_samples {args.num_samples}: must be >= 1")
     if args.max_new_tokens < 1:
-        raise ValueError(f"--max-new-tokens {args.max_new_tokens}: must be >= 1")
+        raise ValueError(f"--max_new_tokens {args.max_new_tokens}: must be >= 1")
     if not 0 <= args.temperature < float("inf"):   # nan too; inf would sample uniformly, not from the model
         raise ValueError(f"--temperature {args.temperature}: must be a finite number >= 0 (0 = greedy)")
     if args.top_p is not None and not 0 < args.top_p <= 1:
-        raise ValueError(f"--top-p {args.top_p}: must be in (0, 1]")
+        raise ValueError(f"--top_p {args.top_p}: must be in (0, 1]")
     if args.top_k is not None and args.top_k < 1:
-        raise ValueError(f"--top-k {args.top_k}: must be >= 1 (leave it out to keep every token)")
+        raise ValueError(f"--top_k {args.top_k}: must be >= 1 (leave it out to keep every token)")
     if args.prompt_file is not None and not os.path.isfile(args.prompt_file):
-        raise FileNotFoundError(f"--prompt-file {args.prompt_file}: no such file")
+        raise FileNotFoundError(f"--prompt_file {args.prompt_file}: no such file")
     if args.interactive and args.prompt_file is not None:
-        raise ValueError("--interactive reads its prompts from the terminal; drop --prompt-file")
+        raise ValueError("--interactive reads its prompts from the terminal; drop --prompt_file")
 
 
 def read_prompt(path: str) -> str:
@@ -73,7 +73,7 @@ def read_prompt(path: str) -> str:
         with open(path, encoding="utf-8") as f:
             return f.read()
     except UnicodeDecodeError as e:
-        raise ValueError(f"--prompt-file {path} is not UTF-8 text (byte {e.object[e.start]:#04x} at offset "
+        raise ValueError(f"--prompt_file {path} is not UTF-8 text (byte {e.object[e.start]:#04x} at offset "
                          f"{e.start:,})") from None
 
 

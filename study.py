@@ -307,7 +307,7 @@ def evaluate(model: str, out_json: str, study: dict, device: str, log_path: str,
     cmd = [sys.executable, os.path.join(REPO, "eval_ppl.py"), "--model", model, "--protocol", study["eval_protocol"],
            "--device", device, "--out", out_json + ".records"]
     for f in files:
-        cmd += ["--data-file", f]
+        cmd += ["--data_file", f]
     cmd += ["--datasets", ",".join(study["eval_datasets"])]
     code = run_logged(cmd, log_path, lambda line: None)
     records = read_json(out_json + ".records")

@@ -59,6 +59,7 @@ from dataclasses import fields
 
 import torch
 
+import corpus
 import data
 import runtime
 from checkpoints import (CKPT_BEST, CKPT_LAST, RUN_JSON, from_pretrained, load_checkpoint, load_model,
@@ -624,12 +625,12 @@ def prepare_data(cfg: TrainConfig, dist: runtime.Distributed, log) -> data.Token
                 kwargs["dataset"] = os.path.join(REPO, source)     # paths in configs are relative to the repo
             elif not os.path.exists(source) and url:
                 try:
-                    kwargs["dataset"] = data.download(url, os.path.join(data_dir, os.path.basename(source)), log)
+                    kwargs["dataset"] = corpus.download(url, os.path.join(data_dir, os.path.basename(source)), log)
                 except data.DataError as e:
                     raise TrainError(str(e)) from None
             log(f"{data_dir} is not prepared yet; preparing it from {kwargs.get('dataset')}")
             try:
-                data.prepare(out=data_dir, **kwargs)
+                corpus.prepare(out=data_dir, **kwargs)
             except data.DataError as e:
                 raise TrainError(str(e)) from e
             except TypeError as e:                                # a wrong key in data_prepare

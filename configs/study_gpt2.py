@@ -28,7 +28,7 @@ runs = [
     dict(name="81M scratch", **_kron, kron_b_shape=(2, 2), init_from="scratch"),
     dict(name="81M vl-norm + KD", **_kron, kron_b_shape=(2, 2), kron_init="vl-norm", distill_from="teacher",
          distill_alpha=0.5, distill_temperature=2.0),
-    dict(name="81M lowrank r=153", mlp="lowrank", lowrank_rank=153),     # `python lowrank.py plan-rank --kron-shape 1536 384`
+    dict(name="81M lowrank r=153", mlp="lowrank", lowrank_rank=153),     # `python lowrank.py plan-rank --kron_shape 1536 384`
     # more factors at about the same size
     dict(name="80M 2 factors", **_kron, kron_shape=(1024, 256), kron_factors=2, kron_init="vl-norm"),
     dict(name="92M 4 factors + scalars", **_kron, kron_shape=(1024, 256), kron_factors=4, kron_scalars=True,

@@ -23,14 +23,14 @@ def setup(tmp_path_factory):
 
 
 def run(setup, capsys, *extra):
-    compare_init.main(["--model", str(setup / "hf"), "--data", str(setup / "val.bin"), "--block-size", "32",
-                       "--batches", "2", "--batch-size", "2", "--device", "cpu", *extra])
+    compare_init.main(["--model", str(setup / "hf"), "--data", str(setup / "val.bin"), "--block_size", "32",
+                       "--batches", "2", "--batch_size", "2", "--device", "cpu", *extra])
     return capsys.readouterr().out
 
 
 def test_one_row_per_method_and_json(setup, capsys, tmp_path):
     out_json = str(tmp_path / "r.json")
-    out = run(setup, capsys, "--kron-shape", "64", "32", "--sparse", "0.05", "--out", out_json)
+    out = run(setup, capsys, "--kron_shape", "64", "32", "--sparse", "0.05", "--out", out_json)
     records = json.load(open(out_json))
     names = [r["method"] for r in records]
     assert names[:5] == ["dense (reference)", "vl", "vl-norm", "prune", "random"]
@@ -54,7 +54,7 @@ def test_one_row_per_method_and_json(setup, capsys, tmp_path):
 
 
 def test_prune_row_says_why_when_the_shape_does_not_allow_it(setup, capsys):
-    out = run(setup, capsys, "--kron-shape", "64", "16")
+    out = run(setup, capsys, "--kron_shape", "64", "16")
     prune = [l for l in out.splitlines() if l.startswith("| prune")]
     assert len(prune) == 1 and "n/a" in prune[0] and "(2, 2)" in prune[0]
 
@@ -87,5 +87,5 @@ def test_text_file_is_tokenised_with_gpt2_bpe(setup, capsys, tiktoken_gpt2, tmp_
 def test_plot_writes_a_png(setup, capsys, tmp_path):
     pytest.importorskip("matplotlib")
     png = tmp_path / "r.png"
-    run(setup, capsys, "--kron-shape", "64", "32", "--plot", str(png))
+    run(setup, capsys, "--kron_shape", "64", "32", "--plot", str(png))
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

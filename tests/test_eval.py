@@ -229,8 +229,8 @@ def test_data_file_rows_are_wikitext_rows(tmp_path, tiktoken_gpt2):
 def test_cli_writes_results_json(tiny_hf_dir, text_file, tmp_path, tiktoken_gpt2):
     out = tmp_path / "results.json"
     proc = subprocess.run([sys.executable, os.path.join(ROOT, "eval_ppl.py"), "--model", tiny_hf_dir,
-                           "--data-file", text_file, "--protocol", "sliding", "--stride", str(STRIDE),
-                           "--block-size", str(CONTEXT), "--device", "cpu", "--out", str(out)],
+                           "--data_file", text_file, "--protocol", "sliding", "--stride", str(STRIDE),
+                           "--block_size", str(CONTEXT), "--device", "cpu", "--out", str(out)],
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     records = json.loads(out.read_text())
@@ -247,7 +247,7 @@ def test_cli_writes_results_json(tiny_hf_dir, text_file, tmp_path, tiktoken_gpt2
 
 
 def test_bad_inputs_give_clear_errors(tmp_path, tiny_hf_dir, monkeypatch):
-    with pytest.raises(ValueError, match="unknown dataset 'wikitext-7'.*--data-file"):
+    with pytest.raises(ValueError, match="unknown dataset 'wikitext-7'.*--data_file"):
         eval_ppl.main(["--model", tiny_hf_dir, "--datasets", "wikitext-7"])
     empty = tmp_path / "empty.txt"
     empty.write_text("\n\n", encoding="utf-8")
@@ -263,7 +263,7 @@ def test_bad_inputs_give_clear_errors(tmp_path, tiny_hf_dir, monkeypatch):
     bad.write_text('{"passage": "x"}\n', encoding="utf-8")
     with pytest.raises(ValueError, match="'text' field"):
         eval_ppl.read_data_file(str(bad))
-    # hub failure (offline): retried at refs/convert/parquet, then an error naming --data-file
+    # hub failure (offline): retried at refs/convert/parquet, then an error naming --data_file
     import datasets
     calls = []
 
@@ -271,7 +271,7 @@ def test_bad_inputs_give_clear_errors(tmp_path, tiny_hf_dir, monkeypatch):
         calls.append(kwargs.get("revision"))
         raise ConnectionError("no network")
     monkeypatch.setattr(datasets, "load_dataset", offline)
-    with pytest.raises(RuntimeError, match="--data-file"):
+    with pytest.raises(RuntimeError, match="--data_file"):
         eval_ppl.load_rows("wikitext-2")
     assert calls == [None, "refs/convert/parquet"]
 

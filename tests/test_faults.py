@@ -20,6 +20,7 @@ import numpy as np
 import pytest
 import torch
 
+import corpus
 import data
 import eval_ppl
 import export_hf
@@ -114,7 +115,7 @@ def temp_dirs(parent, base="out"):
 @pytest.mark.slow
 def test_killed_overwrite_leaves_the_old_output_or_the_new_one(tmp_path, corpora, tiktoken_gpt2):
     out = str(tmp_path / "out")
-    data.prepare(corpora["old"], out, val_fraction=0.1)
+    corpus.prepare(corpora["old"], out, val_fraction=0.1)
     old = snapshot(out)
 
     def in_temp(name):
@@ -123,7 +124,7 @@ def test_killed_overwrite_leaves_the_old_output_or_the_new_one(tmp_path, corpora
     killed = []
     for moment in ("meta.json", "temp dir", "train.bin"):
         stale = temp_dirs(tmp_path)             # what earlier kills left; the new run removes it
-        proc = cli("prepare_owt.py", "--dataset", corpora["new"], "--out", out, "--overwrite", "--num-proc", "1")
+        proc = cli("prepare_owt.py", "--dataset", corpora["new"], "--out", out, "--overwrite", "--num_proc", "1")
         cond = (lambda: bool(temp_dirs(tmp_path) - stale)) if moment == "temp dir" else in_temp(moment)
         if wait_until(cond, proc):
             proc.send_signal(signal.SIGKILL)
@@ -132,30 +133,30 @@ def test_killed_overwrite_leaves_the_old_output_or_the_new_one(tmp_path, corpora
             killed.append(moment)
         restored = not os.path.exists(out)
         if restored:            # killed between the swap's two renames: the next run restores the old output
-            assert data.prepare(corpora["new"], out)["source"] == corpora["old"]
+            assert corpus.prepare(corpora["new"], out)["source"] == corpora["old"]
         # the old output whole, or (killed after the swap) the new one whole: never a mixture
         names = set(os.listdir(out)) - {data.LOCK_NAME, data.VERIFIED_NAME}
         assert names == {"train.bin", "val.bin", "meta.json"}, (moment, names)
         if snapshot(out) != old:                   # the kill came after the swap, or the run finished
             meta = data.TokenData(out).meta         # checks sizes and checksums against meta.json
             assert meta["source"] == corpora["new"]
-            data.prepare(corpora["old"], out, val_fraction=0.1, overwrite=True)
+            corpus.prepare(corpora["old"], out, val_fraction=0.1, overwrite=True)
             assert snapshot(out) == old             # the same input gives the same files
         else:
             assert data.TokenData(out).meta["source"] == corpora["old"]
             assert proc.returncode != -signal.SIGKILL or restored or temp_dirs(tmp_path), "the killed run's temp dir"
     assert killed[-2:] == ["temp dir", "train.bin"], killed
     # the next run removes what the kills left, and leaves a finished output alone
-    assert data.prepare(corpora["new"], out)["source"] == corpora["old"]
+    assert corpus.prepare(corpora["new"], out)["source"] == corpora["old"]
     assert not leftovers(tmp_path) and snapshot(out) == old
 
 
 @pytest.mark.slow
 def test_ctrl_c_during_overwrite_keeps_the_old_output(tmp_path, corpora, tiktoken_gpt2):
     out = str(tmp_path / "out")
-    data.prepare(corpora["old"], out, val_fraction=0.1)
+    corpus.prepare(corpora["old"], out, val_fraction=0.1)
     old = snapshot(out)
-    proc = cli("prepare_owt.py", "--dataset", corpora["new"], "--out", out, "--overwrite", "--num-proc", "1")
+    proc = cli("prepare_owt.py", "--dataset", corpora["new"], "--out", out, "--overwrite", "--num_proc", "1")
     assert wait_until(lambda: any(os.path.exists(os.path.join(tmp_path, t, "train.bin"))
                                   for t in temp_dirs(tmp_path)), proc)
     proc.send_signal(signal.SIGINT)
@@ -169,13 +170,13 @@ def test_kill_between_the_two_renames_is_repaired(tmp_path, corpora, tiktoken_gp
     """storage.atomic_directory swaps with two renames; a kill between them leaves no --out, the old
     output under a temp name and the new one under another. The next run restores the old one."""
     out = str(tmp_path / "out")
-    data.prepare(corpora["old"], out, val_fraction=0.1)
+    corpus.prepare(corpora["old"], out, val_fraction=0.1)
     old = snapshot(out)
     moved = tmp_path / f"{storage.TEMP_PREFIX}out.old.k1ll3d00"
     os.replace(out, moved)
     shutil.copytree(moved, tmp_path / f"{storage.TEMP_PREFIX}out.n3wd1r00")       # the new one, complete
     capsys.readouterr()
-    assert data.prepare(corpora["new"], out)["source"] == corpora["old"]
+    assert corpus.prepare(corpora["new"], out)["source"] == corpora["old"]
     assert "restored" in capsys.readouterr().out
     assert snapshot(out) == old and not leftovers(tmp_path)
 
@@ -184,8 +185,8 @@ def test_kill_between_the_two_renames_is_repaired(tmp_path, corpora, tiktoken_gp
 def test_second_prepare_waits_for_the_first(tmp_path, corpora, tiktoken_gpt2):
     """Runs of a sweep that share a data_dir: the second waits, then finds the output finished."""
     out = tmp_path / "out"
-    with data._output_lock(str(out)):              # the first run, in the middle of its work
-        proc = cli("prepare_owt.py", "--dataset", corpora["old"], "--out", out, "--num-proc", "1")
+    with data.output_lock(str(out)):              # the first run, in the middle of its work
+        proc = cli("prepare_owt.py", "--dataset", corpora["old"], "--out", out, "--num_proc", "1")
         assert select.select([proc.stdout], [], [], 60)[0], "the second run said nothing"
         assert "is being prepared by another process; waiting" in proc.stdout.readline()
         time.sleep(0.2)
@@ -201,8 +202,8 @@ def test_second_prepare_waits_for_the_first(tmp_path, corpora, tiktoken_gpt2):
 
 def test_mixed_runs_are_refused(tmp_path, corpora, tiktoken_gpt2):
     a, b = str(tmp_path / "a"), str(tmp_path / "b")
-    data.prepare(corpora["old"], a, val_fraction=0.1)
-    data.prepare(corpora["old"], b, val_fraction=0.1, seed=7)      # another split of the same text
+    corpus.prepare(corpora["old"], a, val_fraction=0.1)
+    corpus.prepare(corpora["old"], b, val_fraction=0.1, seed=7)      # another split of the same text
     assert os.path.getsize(os.path.join(a, "train.bin")) != os.path.getsize(os.path.join(b, "train.bin"))
     shutil.copy(os.path.join(b, "train.bin"), os.path.join(a, "train.bin"))
     with pytest.raises(data.DataError, match=r"train\.bin holds .* bytes but meta\.json records .*"
@@ -305,7 +306,7 @@ def test_bad_file_among_good_ones_and_the_cli_process(tmp_path, corpora, capsys)
     out = tmp_path / "out"
     proc = run_clis([("prepare_owt.py", "--dataset", folder, "--out", out)])[0]
     assert_one_line_error(proc, f"{folder / 'b.txt'} is not UTF-8 text (byte 0xff at offset 0)")
-    for argv, message in ((["--num-proc", "0"], "--num-proc must be an integer >= 1, got 0"),
+    for argv, message in ((["--num_proc", "0"], "--num_proc must be an integer >= 1, got 0"),
                           (["--out", corpora["old"]], f"--out {corpora['old']} is a file")):
         with pytest.raises(SystemExit) as e:
             prepare_owt.main(["--dataset", corpora["old"], "--out", str(out), *argv])
@@ -315,16 +316,16 @@ def test_bad_file_among_good_ones_and_the_cli_process(tmp_path, corpora, capsys)
 
 
 @pytest.mark.parametrize("kwargs, message", [
-    (dict(val_fraction=0.0), r"--val-fraction must be in \(0, 1\), got 0.0"),
-    (dict(val_fraction=1.0), r"--val-fraction must be in \(0, 1\), got 1.0"),
-    (dict(val_fraction=math.nan), r"--val-fraction must be in \(0, 1\), got nan"),
-    (dict(num_proc=0), "--num-proc must be an integer >= 1, got 0"),
-    (dict(txt_docs="page"), "--txt-docs must be one of"),
+    (dict(val_fraction=0.0), r"--val_fraction must be in \(0, 1\), got 0.0"),
+    (dict(val_fraction=1.0), r"--val_fraction must be in \(0, 1\), got 1.0"),
+    (dict(val_fraction=math.nan), r"--val_fraction must be in \(0, 1\), got nan"),
+    (dict(num_proc=0), "--num_proc must be an integer >= 1, got 0"),
+    (dict(txt_docs="page"), "--txt_docs must be one of"),
 ])
 def test_bad_arguments_fail_before_any_work(tmp_path, corpora, kwargs, message):
     out = tmp_path / "out"
     with pytest.raises(data.DataError, match=message):
-        data.prepare(corpora["old"], str(out), **kwargs)
+        corpus.prepare(corpora["old"], str(out), **kwargs)
     assert not out.exists()
 
 
@@ -333,20 +334,20 @@ def test_output_directory_rules(tmp_path, corpora, tiktoken_gpt2):
     out = tmp_path / "data"
     out.mkdir()
     shutil.copy(corpora["old"], out / "copy.txt")
-    data.prepare(str(out / "copy.txt"), str(out), val_fraction=0.1)
-    data.prepare(str(out / "copy.txt"), str(out), val_fraction=0.2, overwrite=True)
+    corpus.prepare(str(out / "copy.txt"), str(out), val_fraction=0.1)
+    corpus.prepare(str(out / "copy.txt"), str(out), val_fraction=0.2, overwrite=True)
     assert sha(out / "copy.txt") == sha(corpora["old"])
     assert data.TokenData(str(out)).meta["val_fraction"] == 0.2
     assert sorted(os.listdir(out)) == [data.VERIFIED_NAME, "copy.txt", "meta.json", "train.bin", "val.bin"]
     # a directory with sub-directories is not replaced whole
     (out / "notes").mkdir()
     with pytest.raises(data.DataError, match="holds notes, which no prepared dataset has"):
-        data.prepare(corpora["old"], str(out), overwrite=True)
+        corpus.prepare(corpora["old"], str(out), overwrite=True)
     # a symlinked output stays a link to where the data lives
     real = tmp_path / "bigdisk" / "data"
     real.mkdir(parents=True)
     (tmp_path / "link").symlink_to(real)
-    data.prepare(corpora["old"], str(tmp_path / "link"), val_fraction=0.1)
+    corpus.prepare(corpora["old"], str(tmp_path / "link"), val_fraction=0.1)
     assert (tmp_path / "link").is_symlink() and (real / "meta.json").is_file()
 
 
@@ -361,14 +362,14 @@ def meta_on_a_full_disk(obj, path):
 @pytest.mark.parametrize("where", ["train.bin", "meta.json"])
 def test_disk_full_while_preparing(tmp_path, corpora, tiktoken_gpt2, monkeypatch, capsys, where):
     out = str(tmp_path / "out")
-    data.prepare(corpora["old"], out, val_fraction=0.1)
+    corpus.prepare(corpora["old"], out, val_fraction=0.1)
     old = snapshot(out)
     if where == "train.bin":        # the space for a bin is reserved before it is written
         monkeypatch.setattr(os, "posix_fallocate", full_disk)
     else:
-        monkeypatch.setattr(data, "write_json", meta_on_a_full_disk)
+        monkeypatch.setattr(corpus, "write_json", meta_on_a_full_disk)
     with pytest.raises(storage.DiskFull, match=f"no space left on the device while writing {out}"):
-        data.prepare(corpora["old"], out, val_fraction=0.2, overwrite=True)
+        corpus.prepare(corpora["old"], out, val_fraction=0.2, overwrite=True)
     assert snapshot(out) == old and not leftovers(tmp_path)
     capsys.readouterr()
     with pytest.raises(SystemExit) as e:
@@ -384,7 +385,7 @@ def test_download(tmp_path, monkeypatch):
     src.write_text("some text\n" * 1000)
     dest = tmp_path / "local" / "copy.txt"
     with pytest.raises(data.DataError, match=r"could not download file://.*missing\.txt .*put the file at"):
-        data.download((tmp_path / "missing.txt").as_uri(), str(dest), log=lambda m: None)
+        corpus.download((tmp_path / "missing.txt").as_uri(), str(dest), log=lambda m: None)
     assert not dest.exists()
     # interrupted half-way: no partial file where the next run would take it for the whole one
 
@@ -393,10 +394,10 @@ def test_download(tmp_path, monkeypatch):
         raise KeyboardInterrupt
     monkeypatch.setattr(shutil, "copyfileobj", half_then_ctrl_c)
     with pytest.raises(KeyboardInterrupt):
-        data.download(src.as_uri(), str(dest), log=lambda m: None)
+        corpus.download(src.as_uri(), str(dest), log=lambda m: None)
     assert not dest.exists() and not leftovers(tmp_path)
     monkeypatch.undo()
-    assert data.download(src.as_uri(), str(dest), log=lambda m: None) == str(dest)
+    assert corpus.download(src.as_uri(), str(dest), log=lambda m: None) == str(dest)
     assert sha(dest) == sha(src) and not leftovers(tmp_path)
 
 
@@ -469,22 +470,22 @@ def test_eval_cli_mistakes(tmp_path, tiny_hf_dir, small_text):
     latin1.write_bytes("Caf\u00e9\n".encode("latin-1"))
     a_file = tmp_path / "file"
     a_file.write_text("x")
-    base = ("--model", tiny_hf_dir, "--data-file", small_text, "--device", "cpu")
+    base = ("--model", tiny_hf_dir, "--data_file", small_text, "--device", "cpu")
     cases = [      # (arguments, the error, whether to run it as a process too)
         (base + ("--protocol", "sliding", "--stride", "0"), "--stride 0: must be >= 1", True),
         (base + ("--protocol", "sliding", "--stride", "-5"), "--stride -5: must be >= 1", False),
         (base + ("--stride", "16"), "--stride applies to --protocol sliding only", False),
-        (base + ("--protocol", "sliding", "--block-size", "32", "--stride", "32"), "--stride 32 must be below", False),
-        (base + ("--block-size", "1"), "--block-size 1: must be >= 2", False),
-        (base + ("--batch-size", "0"), "--batch-size 0: must be >= 1", False),
-        (base + ("--limit-tokens", "1"), "--limit-tokens 1: must be >= 2", False),
+        (base + ("--protocol", "sliding", "--block_size", "32", "--stride", "32"), "--stride 32 must be below", False),
+        (base + ("--block_size", "1"), "--block_size 1: must be >= 2", False),
+        (base + ("--batch_size", "0"), "--batch_size 0: must be >= 1", False),
+        (base + ("--limit_tokens", "1"), "--limit_tokens 1: must be >= 2", False),
         (base + ("--out", a_file / "results.json"), f"--out {a_file / 'results.json'}: cannot write in {a_file}", True),
         (base + ("--out", tmp_path), f"--out {tmp_path} is a directory", False),
         # the typo is the second model: it fails before the first one or any dataset is loaded
         (("--model", tiny_hf_dir, "--model", tmp_path / "typo.pt", "--datasets", "wikitext-2"),
          f"no such directory or checkpoint: '{tmp_path / 'typo.pt'}'", True),
-        (("--model", tiny_hf_dir, "--data-file", latin1, "--device", "cpu"),
-         f"--data-file {latin1} is not UTF-8 text (byte 0xe9 at offset 3)", True),
+        (("--model", tiny_hf_dir, "--data_file", latin1, "--device", "cpu"),
+         f"--data_file {latin1} is not UTF-8 text (byte 0xe9 at offset 3)", True),
     ]
     if not torch.cuda.is_available():
         cases.append((base + ("--device", "cuda"), "torch sees no CUDA GPU", False))
@@ -506,7 +507,7 @@ def test_eval_dtype_paper_is_float32(monkeypatch, capsys):
 
 def test_eval_out_is_written_atomically(tmp_path, tiny_hf_dir, small_text, monkeypatch, tiktoken_gpt2):
     out = tmp_path / "res" / "results.json"
-    argv = ["--model", tiny_hf_dir, "--data-file", small_text, "--device", "cpu", "--block-size", "32",
+    argv = ["--model", tiny_hf_dir, "--data_file", small_text, "--device", "cpu", "--block_size", "32",
             "--out", str(out)]
     records = eval_ppl.main(argv)
     assert json.loads(out.read_text()) == records and records[0]["dtype"] == "float32"
@@ -525,11 +526,11 @@ def test_eval_out_is_written_atomically(tmp_path, tiny_hf_dir, small_text, monke
 def test_sample_cli_mistakes(tmp_path, tiny_hf_dir):
     base = ("--model", tiny_hf_dir, "--device", "cpu")
     cases = [      # (arguments, the error, whether to run it as a process too)
-        (base + ("--num-samples", "0"), "--num-samples 0: must be >= 1", True),
-        (base + ("--max-new-tokens", "-5"), "--max-new-tokens -5: must be >= 1", True),
-        (base + ("--top-k", "0"), "--top-k 0: must be >= 1", True),
-        (base + ("--prompt-file", tmp_path / "none.txt"), f"--prompt-file {tmp_path / 'none.txt'}: no such file", True),
-        (base + ("--top-p", "1.5"), "--top-p 1.5: must be in (0, 1]", False),
+        (base + ("--num_samples", "0"), "--num_samples 0: must be >= 1", True),
+        (base + ("--max_new_tokens", "-5"), "--max_new_tokens -5: must be >= 1", True),
+        (base + ("--top_k", "0"), "--top_k 0: must be >= 1", True),
+        (base + ("--prompt_file", tmp_path / "none.txt"), f"--prompt_file {tmp_path / 'none.txt'}: no such file", True),
+        (base + ("--top_p", "1.5"), "--top_p 1.5: must be in (0, 1]", False),
         (base + ("--temperature", "-1"), "--temperature -1.0: must be a finite number >= 0", False),
         (("--model", tmp_path / "none.pt"), "no such directory or checkpoint", False),
     ]

@@ -245,7 +245,7 @@ def test_plan_reproduces_table_1():
     assert [many[k].model_size for k in (2, 3, 4)] == [80_400_048, 86_691_720, 92_983_392]
     assert many[4].model_size_no_wpe == 92_196_960
     assert gpt_param_count() == 124_439_808  # dense GPT-2 small
-    # every listed shape tiles the matrix, and --max-rank-only keeps exactly the full-rank ones
+    # every listed shape tiles the matrix, and --max_rank_only keeps exactly the full-rank ones
     all_rows = plan()
     assert all(r.a_shape[0] * r.b_shape[0] == 3072 and r.a_shape[1] * r.b_shape[1] == 768 for r in all_rows)
     assert {r.a_shape for r in all_rows if r.kron_rank == 768} == set(rows)
@@ -267,7 +267,7 @@ def test_plan_cli_refuses_non_positive_sizes_in_one_line(capsys):
     assert (proc.returncode, proc.stdout, proc.stderr) == (2, "", "error: --n_embd must be a positive integer, got 0\n")
     # each option under its config-key name, and under the names earlier versions used
     for flag, key, value in [("--n_layer", "n_layer", "-1"), ("--vocab", "vocab_size", "0"),
-                             ("--block-size", "block_size", "0"), ("--factors", "kron_factors", "0"),
+                             ("--block_size", "block_size", "0"), ("--factors", "kron_factors", "0"),
                              ("--kron_factors", "kron_factors", "0")]:
         with pytest.raises(SystemExit) as exit_:
             run_cli(lambda: sizes_main(["plan", flag, value]))

@@ -110,7 +110,7 @@ def test_compress_report_for_lowrank(tiny_hf_dir):
 
 
 def test_plan_rank_cli(capsys):
-    main(["plan-rank", "--kron-shape", "1536", "384"])
+    main(["plan-rank", "--kron_shape", "1536", "384"])
     out = capsys.readouterr().out
     m = match_mlp_ranks((1536, 384))
     assert f"lowrank_rank={m.lowrank_rank}" in out and "81,972,576" in out   # Table 1's 81M model
@@ -124,7 +124,7 @@ def test_lowrank_commands_run_from_any_directory(tmp_path):
     """`python lowrank.py plan-rank|count` hand over to sizes.py (which imports lowrank.py)."""
     lowrank_py = f"{ROOT}/lowrank.py"      # run from tmp_path, not the repository: the CLI finds sizes.py itself
     run = lambda *a: subprocess.run([sys.executable, lowrank_py, *a], cwd=tmp_path, capture_output=True, text=True)
-    proc = run("plan-rank", "--kron-shape", "1536", "384")
+    proc = run("plan-rank", "--kron_shape", "1536", "384")
     assert proc.returncode == 0 and "81,972,576" in proc.stdout, proc.stderr
-    proc = run("plan-rank", "--kron-shape", "1536", "384", "--group", "0")      # the earlier spellings still work
+    proc = run("plan-rank", "--kron_shape", "1536", "384", "--group", "0")      # the earlier spellings still work
     assert (proc.returncode, proc.stdout, proc.stderr) == (2, "", "error: --share_group must be a positive integer, got 0\n")

@@ -1,4 +1,4 @@
-"""data.prepare and its CLI prepare_owt.py on local files (offline): counts, round trip through the BPE,
+"""corpus.prepare and its CLI prepare_owt.py on local files (offline): counts, round trip through the BPE,
 end-of-text, re-runs, hub fallbacks."""
 import json
 import os
@@ -6,6 +6,7 @@ import os
 import numpy as np
 import pytest
 
+import corpus
 import data
 import prepare_owt
 
@@ -38,7 +39,7 @@ def test_txt_paragraphs_round_trip(tmp_path, tiktoken_gpt2):
     docs = [f"{i}. {p}" for i, p in enumerate(PARAGRAPHS * 4)]      # 20 distinct documents
     src.write_text("\n\n".join(docs[:10]) + "\n \n\n" + "\n\n".join(docs[10:]) + "\n", encoding="utf-8")
     out = str(tmp_path / "out")
-    meta = data.prepare(str(src), out, val_fraction=0.2, seed=0)
+    meta = corpus.prepare(str(src), out, val_fraction=0.2, seed=0)
     train, val = read_bin(out, "train"), read_bin(out, "val")
     with open(os.path.join(out, "meta.json")) as f:
         assert json.load(f) == meta
@@ -63,8 +64,8 @@ def test_jsonl_text_column_and_rerun(tmp_path, tiktoken_gpt2, capsys):
     rows = [{"id": i, "body": f"document number {i}: " + PARAGRAPHS[i % len(PARAGRAPHS)]} for i in range(30)]
     src.write_text("\n".join(json.dumps(r) for r in rows) + "\n", encoding="utf-8")
     out = str(tmp_path / "out")
-    prepare_owt.main(["--dataset", str(src), "--out", out, "--text-column", "body", "--val-fraction", "0.1",
-                      "--num-proc", "1"])
+    prepare_owt.main(["--dataset", str(src), "--out", out, "--text_column", "body", "--val_fraction", "0.1",
+                      "--num_proc", "1"])
     train = read_bin(out, "train")
     got = split_docs(train, tiktoken_gpt2) + split_docs(read_bin(out, "val"), tiktoken_gpt2)
     assert sorted(got) == sorted(r["body"] for r in rows)
@@ -75,10 +76,10 @@ def test_jsonl_text_column_and_rerun(tmp_path, tiktoken_gpt2, capsys):
     # a finished output is recognised and left alone; --overwrite redoes it
     mtime = os.path.getmtime(os.path.join(out, "train.bin"))
     capsys.readouterr()
-    prepare_owt.main(["--dataset", str(src), "--out", out, "--text-column", "body"])
+    prepare_owt.main(["--dataset", str(src), "--out", out, "--text_column", "body"])
     assert "already holds a finished dataset" in capsys.readouterr().out
     assert os.path.getmtime(os.path.join(out, "train.bin")) == mtime
-    prepare_owt.main(["--dataset", str(src), "--out", out, "--text-column", "body", "--val-fraction", "0.5",
+    prepare_owt.main(["--dataset", str(src), "--out", out, "--text_column", "body", "--val_fraction", "0.5",
                       "--overwrite"])
     with open(os.path.join(out, "meta.json")) as f:
         assert json.load(f)["val_documents"] == 15
@@ -94,14 +95,14 @@ def test_txt_docs_modes_and_interrupted_output(tmp_path, tiktoken_gpt2):
     a.write_text("line one\nline two\n\nline three\n")
     b.write_text("other file\n")
     out = str(tmp_path / "files")
-    meta = data.prepare(str(a.parent), out, txt_docs="file", val_fraction=0.5)
+    meta = corpus.prepare(str(a.parent), out, txt_docs="file", val_fraction=0.5)
     assert meta["documents"] == 2
-    meta = data.prepare(str(a.parent), str(tmp_path / "lines"), txt_docs="line", val_fraction=0.25)
+    meta = corpus.prepare(str(a.parent), str(tmp_path / "lines"), txt_docs="line", val_fraction=0.25)
     assert meta["documents"] == 4
     # an interrupted run (bins without meta.json) is not mistaken for a finished one
     os.remove(os.path.join(out, "meta.json"))
     assert data.finished(out) is None
-    assert data.prepare(str(a.parent), out, txt_docs="file", val_fraction=0.5)["documents"] == 2
+    assert corpus.prepare(str(a.parent), out, txt_docs="file", val_fraction=0.5)["documents"] == 2
 
 
 def test_hub_script_fallback_and_offline_message(tmp_path, monkeypatch, tiktoken_gpt2):
@@ -115,7 +116,7 @@ def test_hub_script_fallback_and_offline_message(tmp_path, monkeypatch, tiktoken
         return datasets.Dataset.from_dict({"text": [f"web page {i}" for i in range(10)]})
 
     monkeypatch.setattr(datasets, "load_dataset", fake_load)
-    meta = data.prepare(data.OWT, str(tmp_path / "owt"), val_fraction=0.2)
+    meta = corpus.prepare(data.OWT, str(tmp_path / "owt"), val_fraction=0.2)
     assert calls == [None, "refs/convert/parquet"] and meta["documents"] == 10
 
     def offline(*a, **k):
@@ -123,6 +124,6 @@ def test_hub_script_fallback_and_offline_message(tmp_path, monkeypatch, tiktoken
 
     monkeypatch.setattr(datasets, "load_dataset", offline)
     with pytest.raises(data.DataError, match=r"(?s)Offline.*--dataset PATH\.txt"):
-        data.prepare(data.OWT, str(tmp_path / "owt2"))
+        corpus.prepare(data.OWT, str(tmp_path / "owt2"))
     with pytest.raises(data.DataError, match="no such file"):
-        data.prepare(str(tmp_path / "missing.txt"), str(tmp_path / "x"))
+        corpus.prepare(str(tmp_path / "missing.txt"), str(tmp_path / "x"))

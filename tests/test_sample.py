@@ -108,7 +108,7 @@ def test_sampling_is_seeded_and_top_k_1_is_greedy(tiny_hf_dir, tiktoken_gpt2):
 @pytest.mark.slow
 def test_sample_cli(tiny_hf_dir, tmp_path, tiktoken_gpt2):
     cmd = [sys.executable, os.path.join(ROOT, "sample.py"), "--model", tiny_hf_dir, "--prompt", "To be",
-           "--max-new-tokens", "12", "--temperature", "0", "--device", "cpu"]
+           "--max_new_tokens", "12", "--temperature", "0", "--device", "cpu"]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.startswith("To be") and "tokens/s" in proc.stderr
