@@ -12,6 +12,7 @@ import torch
 
 from data import TokenData
 import config
+import recipe
 import runtime
 import train
 from conftest import ROOT, VOCAB, argv, kron_run, run, scratch, sha   # and the fixtures data_dir, hf_dir
@@ -235,7 +236,7 @@ def test_run_json_curve_and_loss_png(data_dir, tmp_path):
     assert [c["iter"] for c in summary["curve"]] == iters
     assert [c["tokens"] for c in summary["curve"]] == [i * 4 * 32 for i in iters]
     # lr of the step that ended there (step i runs at get_lr(i - 1)); the loss is that step's
-    assert [c["lr"] for c in summary["curve"]] == [train.get_lr(i - 1, cfg) for i in iters]
+    assert [c["lr"] for c in summary["curve"]] == [recipe.get_lr(i - 1, cfg) for i in iters]
     assert [c["loss"] for c in summary["curve"]] == [res["losses"][i - 1] for i in iters]
     png = (out / "loss.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
@@ -278,7 +279,7 @@ def test_flops_per_token_counts_factored_macs():
     with torch.device("meta"):
         dense = gpt()
         krony = gpt(mlp="kron", kron_shape=(1536, 384))
-    fd, fk = train.flops_per_token(dense, 1024), train.flops_per_token(krony, 1024)
+    fd, fk = recipe.flops_per_token(dense, 1024), recipe.flops_per_token(krony, 1024)
     # dense MLP: 2 * 3072 * 768 multiply-adds per layer; Kronecker (1536,384)x(2,2): factored_macs of c_fc + c_proj
     from kron_kernels import factored_macs
     kron_mlp = factored_macs((1536, 384), (2, 2))[0] + factored_macs((384, 1536), (2, 2))[0]
