@@ -40,7 +40,7 @@ from compress import compress, compression_report
 from kronecker import b_shape_for
 from model import GPT, LINEAR_NAMES
 from runtime import ArgumentParser, run_cli
-from sizes import format_rows, match_mlp_ranks
+from planning import format_rows, match_mlp_ranks
 
 
 def load_tokens(path: str) -> np.ndarray:

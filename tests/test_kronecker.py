@@ -11,7 +11,8 @@ from conftest import ROOT
 from kronecker import (KronLinear, a_shape_for, b_shape_for, kron_decompose, kron_sum, prune_factors, rank_bound,
                        vl_rearrange)
 from runtime import run_cli
-from sizes import gpt_param_count, main as sizes_main, plan
+from planning import gpt_param_count, plan
+from sizes import main as sizes_main
 
 
 def discarded_norm(W, a_shape, k):

@@ -13,7 +13,8 @@ from compress import compress
 from conftest import gpt
 from model import GPT
 from runtime import run_cli
-from sizes import main, match_mlp_ranks, plan_rank
+from planning import match_mlp_ranks, plan_rank
+from sizes import main
 
 
 def linear(W, bias=True):

@@ -9,7 +9,7 @@ from checkpoints import from_checkpoint, load_model, load_weights, save_checkpoi
 from compress import compress, format_report, resolve, spec_of
 from conftest import gpt, make_tiny_hf
 from kronecker import KronLinear
-from sizes import gpt_param_count
+from planning import gpt_param_count
 from model import GPT, GPTConfig
 
 

@@ -11,7 +11,8 @@ from conftest import ROOT, gpt, make_tiny_hf
 from kronecker import KronLinear
 from lowrank import LowRankLinear, SharedBasisLinear
 from model import GPT, GPTConfig, LINEAR_NAMES
-from sizes import main as sizes_main, size_report
+from planning import size_report
+from sizes import main as sizes_main
 
 
 @pytest.fixture(scope="module")
