@@ -89,6 +89,7 @@ def main(argv=None) -> None:
     p.add_argument("--new_tokens", type=int, default=64, help="tokens generated per timed decode (batch 1)")
     p.add_argument("--rounds", type=int, default=5, help="interleaved timing rounds (the median is reported)")
     p.add_argument("--threads", type=int, default=torch.get_num_threads(), help="torch intra-op threads")
+    p.add_argument("--no_memory", action="store_true", help="skip the peak-memory processes (decoding speed only)")
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -98,8 +99,12 @@ def main(argv=None) -> None:
     load_before = os.getloadavg()
     dirs = prepare(args.work)
     sizes = {n: os.path.getsize(os.path.join(d, "model.safetensors")) / 2**20 for n, d in dirs.items()}
-    baseline = peak_memory(None, args.new_tokens)
-    memory = {n: peak_memory(d, args.new_tokens) for n, d in dirs.items()}
+    baseline = 0.0 if args.no_memory else peak_memory(None, args.new_tokens)
+    memory = {n: 0.0 for n in dirs}
+    for n, d in dirs.items():
+        if not args.no_memory:
+            memory[n] = peak_memory(d, args.new_tokens)
+            print(f"{n}: peak RSS {memory[n]:.0f} MB", file=sys.stderr, flush=True)
     models = {n: load(d) for n, d in dirs.items()}
     times: dict[str, list[float]] = {n: [] for n in models}
     for n, m in models.items():         # warm-up
@@ -108,6 +113,7 @@ def main(argv=None) -> None:
     for r in range(args.rounds):
         for n in names[r % len(names):] + names[:r % len(names)]:      # rotate who goes first
             times[n].append(decode(models[n], args.new_tokens))
+            print(f"round {r}: {n} {args.new_tokens / times[n][-1]:.1f} tokens/s", file=sys.stderr, flush=True)
     load_after = os.getloadavg()
 
     ref = "GPT-2 124M"

@@ -39,6 +39,8 @@ import sys
 import torch
 import torch.nn as nn
 
+from kronecker import KronLinear
+from lowrank import LowRankLinear, SharedBasisLinear
 from model import GPT, LINEAR_NAMES, dense_weight, resolve_model
 from runtime import run_cli
 from storage import DiskFull, atomic_directory, write_json
@@ -91,7 +93,10 @@ def gpt2_bpe_files(enc) -> tuple[dict[str, int], list[str]]:
     """vocab.json's {token text: id} and merges.txt's lines (rank order) of a tiktoken encoding."""
     ranks: dict[bytes, int] = enc._mergeable_ranks
     sym = byte_symbols()
-    text = lambda b: "".join(sym[x] for x in b)
+
+    def text(b: bytes) -> str:
+        return "".join(sym[x] for x in b)
+
     vocab = {text(token): rank for token, rank in ranks.items()}
     vocab.update(enc._special_tokens)
     merges = [" ".join(text(p) for p in merge_pair(ranks, token))
@@ -101,7 +106,7 @@ def gpt2_bpe_files(enc) -> tuple[dict[str, int], list[str]]:
 
 @functools.lru_cache(maxsize=1)
 def gpt2_bpe() -> tuple[dict[str, int], list[str]]:
-    """gpt2_bpe_files of data.gpt2_encoding() (about a second: once per process)."""
+    """gpt2_bpe_files of data.gpt2_encoding(), computed once per process (a BPE run per token)."""
     import data
     return gpt2_bpe_files(data.gpt2_encoding())
 
@@ -223,30 +228,30 @@ def compact_state_dict(model) -> tuple[dict[str, torch.Tensor], dict, list]:
 def factored_layer(layer: nn.Module) -> tuple[dict, dict[str, torch.Tensor]]:
     """(spec, tensors) of one compressed linear, by its class's fields (the bias is added by the
     caller; a shared basis too, stored once)."""
-    kind = type(layer).__name__
-    if kind == "KronLinear":
+    if isinstance(layer, KronLinear):
         # the factors keep the standard feature order whatever swap_in / swap_out say (those only
         # reorder activations inside our MLP), so they are written as they are
         spec = {"method": "kron", "a_shape": list(layer.a_shape), "b_shape": list(layer.b_shape),
-                "k": layer.A.shape[0], "scalars": layer.scalars is not None,
+                "k": layer.k, "scalars": layer.scalars is not None,
                 "sparse_nnz": layer.sparse.values.numel() if layer.sparse is not None else 0}
         tensors = {"A": layer.A, "B": layer.B}
         if layer.scalars is not None:
             tensors["scalars"] = layer.scalars
         if layer.sparse is not None:
-            row, col = layer.sparse.index
-            flat = row * layer.in_features + col             # int32 holds any GPT-2 matrix's positions
-            if layer.in_features * layer.out_features >= 2 ** 31:
+            if layer.in_features * layer.out_features >= 2 ** 31:     # int32 positions: any GPT-2 matrix fits
                 raise ValueError("a sparse residual of more than 2^31 positions does not fit the compact format")
+            row, col = layer.sparse.index
+            flat = row * layer.in_features + col
             order = flat.argsort()                           # row-major: a coalesced COO tensor
             tensors["sparse_values"] = layer.sparse.values[order]
             tensors["sparse_index"] = flat[order].to(torch.int32)
         return spec, tensors
-    if kind == "LowRankLinear":
+    if isinstance(layer, LowRankLinear):
         return {"method": "lowrank", "rank": layer.rank}, {"U": layer.U, "V": layer.V}
-    if kind == "SharedBasisLinear":
+    if isinstance(layer, SharedBasisLinear):
         return {"method": "shared", "rank": layer.rank}, {"coefficient": layer.coefficient}
-    raise ValueError(f"--compact does not know the layer type {kind}; export it dense (without --compact)")
+    raise ValueError(f"--compact does not know the layer type {type(layer).__name__}; export it dense "
+                     "(without --compact)")
 
 
 def compact_config(model, layers: dict, bases: list) -> dict:

@@ -57,11 +57,16 @@ class KronLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         (m1, n1), (m2, n2) = self.a_shape, self.b_shape
-        X = x.reshape(-1, n1, n2)                                   # x's features are (c, d): c * n2 + d
+        k, N = self.A.shape[0], x.numel() // self.in_features
         B = self.B if self.scalars is None else self.B * self.scalars.view(-1, 1, 1)
-        XB = torch.einsum("ncd,kbd->nkcb", X, B)                    # (N, k, n1, m2)
-        Y = torch.einsum("kac,nkcb->nab", self.A, XB)               # (N, m1, m2): row a * m2 + b
-        y = Y.reshape(-1, self.out_features) + self.bias
+        # per row, Y = sum_i A_i X B_i^T with X the input as (n1, n2), row-major (feature c * n2 + d).
+        # A first: one GEMM reads A once for all rows and factors; the factors are stacked along
+        # its output, then along the reduction of the product with B (which sums them)
+        Xt = x.reshape(N, n1, n2).transpose(1, 2).contiguous()             # (N, n2, n1)
+        U = Xt @ self.A.reshape(k * m1, n1).t()                            # (N, n2, k*m1)
+        U = U.view(N, n2, k, m1).permute(0, 3, 2, 1).reshape(N, m1, k * n2)
+        Y = U @ B.permute(0, 2, 1).reshape(k * n2, m2)                     # (N, m1, m2): row a * m2 + b
+        y = Y.reshape(N, self.out_features) + self.bias
         if self.sparse_values is not None:
             index = self.sparse_index.long()
             S = torch.sparse_coo_tensor(torch.stack([index // self.in_features, index % self.in_features]),
