@@ -6,7 +6,8 @@ what matters for size and speed):
 
     python bench_export.py --work /tmp/krony_bench --new_tokens 64 --rounds 5
 
-It writes two checkpoints and three exports under --work (through export_hf.py, as a user would),
+It writes two checkpoints and three exports under --work (through export_hf.py, as a user would;
+they are reused by later runs: delete --work after changing export_hf.py or modeling_krony.py),
 measures each model's peak memory in a process of its own (load + generate), then times decoding of
 the three in one process, interleaved round by round, so that a busy machine slows them alike; the
 ratios are the result to read. Needs transformers, safetensors and ~2 GB of disk under --work.
