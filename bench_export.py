@@ -105,7 +105,7 @@ def main(argv=None) -> None:
     for n, d in dirs.items():
         if not args.no_memory:
             memory[n] = peak_memory(d, args.new_tokens)
-            print(f"{n}: peak RSS {memory[n]:.0f} MB", file=sys.stderr, flush=True)
+            print(f"{n}: peak RSS {memory[n]:.0f} MiB", file=sys.stderr, flush=True)
     models = {n: load(d) for n, d in dirs.items()}
     times: dict[str, list[float]] = {n: [] for n in models}
     for n, m in models.items():         # warm-up
@@ -121,8 +121,8 @@ def main(argv=None) -> None:
     tps = {n: args.new_tokens / statistics.median(t) for n, t in times.items()}
     print(f"torch {torch.__version__}, {args.threads} threads, batch 1, {args.new_tokens} new tokens after 16, "
           f"median of {args.rounds} interleaved rounds; load average {load_before[0]:.1f} before, "
-          f"{load_after[0]:.1f} after; interpreter + torch + transformers alone: {baseline:.0f} MB")
-    print("| model | model.safetensors (MB) | peak RSS (MB) | RSS above the interpreter (MB) | "
+          f"{load_after[0]:.1f} after; interpreter + torch + transformers alone: {baseline:.0f} MiB")
+    print("| model | model.safetensors (MiB) | peak RSS (MiB) | RSS above the interpreter (MiB) | "
           "decode tokens/s | speed vs GPT-2 |")
     print("| --- | --- | --- | --- | --- | --- |")
     for n in models:
