@@ -4,7 +4,7 @@ memory and greedy decoding speed of Krony-81M (GPT-2 small with c_fc A (1536, 38
 factors, against its dense export and a dense GPT-2. The weights are random (the real shapes are
 what matters for size and speed):
 
-    python bench_export.py --work /tmp/krony_bench --new_tokens 64 --rounds 5
+    python bench_export.py --work /tmp/krony_bench --new_tokens 64 --rounds 5 --threads 1
 
 It writes two checkpoints and three exports under --work (through export_hf.py, as a user would;
 they are reused by later runs: delete --work after changing export_hf.py or modeling_krony.py),
@@ -85,11 +85,12 @@ def peak_memory(directory: str | None, new_tokens: int) -> float:
 
 
 def main(argv=None) -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0].strip())
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0].strip().rstrip(":") + ".")
     p.add_argument("--work", default="/tmp/krony_bench", help="directory for the checkpoints and exports")
     p.add_argument("--new_tokens", type=int, default=64, help="tokens generated per timed decode (batch 1)")
     p.add_argument("--rounds", type=int, default=5, help="interleaved timing rounds (the median is reported)")
-    p.add_argument("--threads", type=int, default=torch.get_num_threads(), help="torch intra-op threads")
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch intra-op threads (1: on a shared host, more threads wait for each other's cores)")
     p.add_argument("--no_memory", action="store_true", help="skip the peak-memory processes (decoding speed only)")
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
