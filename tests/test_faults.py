@@ -416,17 +416,20 @@ def test_export_out_rules(tmp_path, tiny_ckpt, monkeypatch):
     transformers = pytest.importorskip("transformers")
     out = tmp_path / "hf"
     out.mkdir()
-    (out / "generation_config.json").write_text("{}")      # left by an earlier export of another tool
+    (out / "generation_config.json").write_text("{}")      # left by another tool: not an export of ours
     a_file = tmp_path / "file.txt"
     a_file.write_text("keep me")
-    procs = run_clis([("export_hf.py", "--model", tiny_ckpt, "--out", out),
+    procs = run_clis([("export_hf.py", "--model", tiny_ckpt, "--out", out, "--overwrite"),
                       ("export_hf.py", "--model", tiny_ckpt, "--out", a_file)])
-    assert_one_line_error(procs[0], f"--out {out} is not empty; add --overwrite")
+    assert_one_line_error(procs[0], f"--out {out} is not empty and is not an earlier export")
     assert_one_line_error(procs[1], f"--out {a_file} is a file")
     assert os.listdir(out) == ["generation_config.json"] and a_file.read_text() == "keep me"
 
-    export_hf.main(["--model", tiny_ckpt, "--out", str(out), "--overwrite"])
-    assert sorted(os.listdir(out)) == ["config.json", "model.safetensors"]     # nothing old survives
+    out = tmp_path / "export"
+    export_hf.main(["--model", tiny_ckpt, "--out", str(out)])
+    export_hf.main(["--model", tiny_ckpt, "--out", str(out), "--overwrite"])    # an earlier export: replaced
+    marker = json.load(open(out / export_hf.MARKER))
+    assert sorted(os.listdir(out)) == sorted(marker["files"] + [export_hf.MARKER])
     first = snapshot_dir(out)
     transformers.GPT2LMHeadModel.from_pretrained(str(out))
     # a full disk in the middle of an --overwrite: the previous export stays whole
