@@ -240,10 +240,6 @@ class Compression:
         return next((t for t in self.targets if t.selects(layer, name, n_layer)), None)
 
     @property
-    def dense(self) -> bool:
-        return all(t.method == "dense" for t in self.targets)
-
-    @property
     def permute(self) -> str | None:
         return self.keys["kron_permute"]
 

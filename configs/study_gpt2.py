@@ -10,7 +10,7 @@
 # Budget per run: 2,000 steps of 122,880 tokens (the paper's batch) = 246M tokens, 2.7% of one
 # OpenWebText epoch (the paper trains ~3 epochs). Estimated time per run on one A100 80 GB with
 # bf16 and compile=True, at ~100k tokens/s for the 81M class (an estimate, not a measurement):
-# ~45 minutes, ~9 hours for the 11 runs; the 92M class with 4 factors and the from-scratch run
+# ~45 minutes, ~12 hours for the 16 runs; the 92M class with 4 factors and the from-scratch run
 # cost about the same. Halve max_iters for a first look.
 
 teacher = "gpt2"
@@ -20,6 +20,7 @@ eval_datasets = ["wikitext-103", "wikitext-2", "lambada"]
 eval_protocol = "paper"
 
 _kron = dict(mlp="kron")
+_calib = 65536
 runs = [
     # the 81M class (B 2x2): the inits of the paper, and what it competes with
     dict(name="81M vl-norm", **_kron, kron_b_shape=(2, 2), kron_init="vl-norm"),
@@ -38,6 +39,14 @@ runs = [
     dict(name="96M vl-norm", **_kron, kron_shape=(3072, 384), kron_init="vl-norm"),
     # the smallest class
     dict(name="67M vl-norm", **_kron, kron_shape=(64, 32), kron_init="vl-norm"),
+    # the same budgets fitted to GPT-2's activations on 65,536 OpenWebText tokens (calibrate.py)
+    dict(name="81M vl-norm, calibrated", **_kron, kron_b_shape=(2, 2), kron_init="vl-norm", calib_tokens=_calib),
+    dict(name="81M lowrank r=153, calibrated", mlp="lowrank", lowrank_rank=153, calib_tokens=_calib),
+    dict(name="80M 2 factors, calibrated", **_kron, kron_shape=(1024, 256), kron_factors=2, kron_init="vl-norm",
+         calib_tokens=_calib),
+    dict(name="92M 4 factors + scalars, calibrated", **_kron, kron_shape=(1024, 256), kron_factors=4,
+         kron_scalars=True, kron_init="vl-norm", calib_tokens=_calib),
+    dict(name="96M vl-norm, calibrated", **_kron, kron_shape=(3072, 384), kron_init="vl-norm", calib_tokens=_calib),
 ]
 
 max_iters = 2000            # every run: 2,000 steps x 122,880 tokens

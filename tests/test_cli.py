@@ -1,6 +1,7 @@
 """Every script reads its options the same way (runtime.ArgumentParser): spelled as the config key
 they mean, the dashed spelling of earlier versions still read (hidden from --help), renamed options
 under their earlier names too; and a mistake is one line with exit code 2."""
+import re
 import subprocess
 import sys
 
@@ -46,10 +47,19 @@ def test_run_cli_turns_a_mistake_into_one_line(capsys):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("script", ["sizes.py", "compare_init.py", "eval_ppl.py", "sample.py", "export_hf.py",
-                                    "prepare_owt.py", "bench.py"])
-def test_every_option_of_every_script_is_spelled_as_a_key_and_explained(script):
-    out = subprocess.run([sys.executable, script, "--help"], cwd=ROOT, capture_output=True, text=True, check=True).stdout
-    options = [w.rstrip(",") for w in out.split() if w.startswith("--") and w not in ("--help",)]
+@pytest.mark.parametrize("command", ["sizes.py plan", "sizes.py plan-rank", "sizes.py count", "compare_init.py",
+                                     "eval_ppl.py", "sample.py", "export_hf.py", "prepare_owt.py", "bench.py"])
+def test_every_option_of_every_script_is_spelled_as_a_key_and_explained(command):
+    out = subprocess.run([sys.executable, *command.split(), "--help"], cwd=ROOT, capture_output=True, text=True,
+                         check=True).stdout
+    options = [w.strip(",[]") for w in out.split() if w.lstrip("[").startswith("--") and w.strip(",[]") != "--help"]
     assert options, out
-    assert not [o for o in options if "-" in o[2:].split("=")[0]], f"{script}: dashed options in --help"
+    assert not [o for o in options if "-" in o[2:].split("=")[0]], f"{command}: dashed options in --help"
+    # every option has a line of help: the text after the option's own line is not empty
+    lines = out.splitlines()
+    entries = [i for i, line in enumerate(lines) if re.match(r"  --\w", line) and not line.startswith("  --help")]
+    assert entries, out
+    for i in entries:              # argparse puts the help on the option's line or indents it on the next
+        on_line = len(lines[i].strip().split("  ", 1)) == 2
+        below = i + 1 < len(lines) and re.match(r" {20,}\S", lines[i + 1])
+        assert on_line or below, f"{command}: {lines[i].strip()} has no help text"
