@@ -155,3 +155,14 @@ def test_no_file_is_a_slab():
         with open(path, encoding="utf-8") as f:
             lines = sum(1 for _ in f)
         assert lines <= (450 if path.endswith("model.py") else 600), f"{os.path.basename(path)}: {lines} lines"
+
+
+def test_the_map_in_docs_names_every_file():
+    """docs/model.md's "where things are" table matches the files."""
+    import re
+    with open(os.path.join(ROOT, "docs", "model.md"), encoding="utf-8") as f:
+        doc = f.read()
+    table = doc[doc.index("## Where things are"):doc.index("## GPT")]
+    named = set(re.findall(r"`(\w+\.py)`", table))
+    files = {os.path.basename(p) for p in glob.glob(os.path.join(ROOT, "*.py"))}
+    assert named == files, f"missing from the map: {sorted(files - named)}; not a file: {sorted(named - files)}"
