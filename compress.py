@@ -511,8 +511,15 @@ def calibrate_(model: GPT, source: GPT, swapped: list, spec: Compression, tokens
     earlier layers are then already fitted. Returns {"transformer.h.i.name": C}."""
     n_layer, damping = model.config.n_layer, spec.keys["calib_damping"]
     names = [f"transformer.h.{i}.{name}" for i, name, _, _ in swapped]
-    windows = lambda: calibrate.calibration_windows(tokens, spec.calib_tokens, model.config.block_size, batch_size,
-                                                    progress=progress)
+    vocab = model.config.vocab_size
+
+    def windows():
+        for idx in calibrate.calibration_windows(tokens, spec.calib_tokens, model.config.block_size, batch_size,
+                                                 progress=progress):
+            if int(idx.max()) >= vocab:      # before the embedding fails on it: data of another tokenizer
+                raise ValueError(f"the calibration data holds token id {int(idx.max())}, beyond the teacher's "
+                                 f"vocabulary ({vocab}): calibrate on data of the teacher's tokenizer")
+            yield idx
     for block in model.transformer.h:        # the moments are of inputs in the standard order
         if isinstance(block.mlp.c_fc, KronLinear) and isinstance(block.mlp.c_proj, KronLinear):
             block.mlp.c_fc.swap_out = block.mlp.c_proj.swap_in = False

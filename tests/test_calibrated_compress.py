@@ -104,10 +104,12 @@ def test_sequential_calibration_sees_the_compressed_inputs(teacher, tokens):
     (dict(calib_tokens=100, mlp="shared", lowrank_rank=4, calib_sequential=True), dict(calib_data="tokens"),
      "calib_sequential=False with method 'shared'"),
     (dict(calib_damping=-1.0), dict(), "calib_damping"),
+    (dict(calib_tokens=100), dict(calib_data="other tokenizer"), "beyond the teacher's vocabulary"),
 ])
 def test_calibration_mistakes_are_clear_errors(teacher, tokens, keys, kwargs, match):
     keys = {"kron_b_shape": (2, 2), **keys}
-    kwargs = {k: tokens if v == "tokens" else v for k, v in kwargs.items()}
+    other = np.full(1000, VOCAB, dtype=np.uint16)          # ids of a larger vocabulary than the teacher's
+    kwargs = {k: tokens if v == "tokens" else other if v == "other tokenizer" else v for k, v in kwargs.items()}
     with pytest.raises(ValueError, match=match):
         compress(teacher, **keys, **kwargs, progress=False)
 
