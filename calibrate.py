@@ -179,6 +179,56 @@ def collect_moments(model: nn.Module, names: Iterable[str], batches: Iterable[to
     return moments
 
 
+@torch.no_grad()
+def collect_cross_moments(teacher: nn.Module, student: nn.Module, name: str,
+                          batches: Iterable[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """For the layer `name` of two models of one layout run on the same batches: the student's
+    input second moment C~ = E[x~ x~^T] and the cross moment X = E[x x~^T] with the teacher's
+    input x at the same place, both (in, in) in float64. Sequential calibration fits the
+    student's layer to the teacher's outputs W x through them (teacher_target). Both models run
+    in eval mode without gradients, each only up to that layer; the hooks go afterwards."""
+    captured: dict[str, torch.Tensor] = {}
+
+    def run(model: nn.Module, idx: torch.Tensor) -> torch.Tensor:
+        def pre_hook(module: nn.Module, args: tuple) -> None:
+            captured["x"] = args[0].reshape(-1, args[0].shape[-1]).double()
+            raise _AllSeen
+        handle = model.get_submodule(name).register_forward_pre_hook(pre_hook)
+        was_training = model.training
+        try:
+            model.eval()
+            model(idx.to(next(model.parameters()).device))
+        except _AllSeen:
+            pass
+        finally:
+            handle.remove()
+            model.train(was_training)
+        return captured.pop("x")
+
+    C, X, n = 0, 0, 0
+    for idx in batches:
+        x, x_student = run(teacher, idx), run(student, idx)
+        C = C + x_student.t() @ x_student
+        X = X + x.t() @ x_student
+        n += x.shape[0]
+    if n == 0:
+        raise ValueError(f"no inputs were collected for {name}: no calibration batches")
+    return C / n, X / n
+
+
+def teacher_target(W: torch.Tensor, C: torch.Tensor, X: torch.Tensor, damping: float = 1e-2) -> torch.Tensor:
+    """The weight W' whose fit on the student's inputs (second moment C) is the fit to the
+    teacher's outputs: min ||W_hat x~ - W x||^2 + mu ||W_hat - W||^2 over the calibration set
+    equals min tr((W_hat - W') C_d (W_hat - W')^T) + const with C_d = C + mu I (the damping every
+    fit here uses) and W' = W (X + mu I) C_d^-1, X = E[x x~^T]. Where the student sees what the
+    teacher sees (X = C), W' = W. (out, in), in W's dtype."""
+    _check_moment(C, W.shape[1])
+    Cd = damped(C, damping)
+    mu = Cd[0, 0] - C.double()[0, 0]
+    T = W.double() @ (X.to(Cd) + mu * torch.eye(Cd.shape[0], dtype=Cd.dtype, device=Cd.device))
+    return torch.linalg.solve(Cd, T.t()).t().to(W.dtype)        # T C_d^-1, C_d symmetric
+
+
 # -----------------------------------------------------------------------------
 # The output error
 

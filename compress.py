@@ -524,21 +524,22 @@ def calibrate_(model: GPT, source: GPT, swapped: list, spec: Compression, tokens
         if isinstance(block.mlp.c_fc, KronLinear) and isinstance(block.mlp.c_proj, KronLinear):
             block.mlp.c_fc.swap_out = block.mlp.c_proj.swap_in = False
     sequential = spec.keys["calib_sequential"]
-    if sequential and any(t.method == "shared" for t in spec.targets):
-        raise ValueError("calib_sequential fits one layer after another; layers that share a basis are fitted "
-                         "together: use calib_sequential=False with method 'shared'")
+    if sequential and any(t.method == "shared" for t in spec.targets):   # a basis is fitted for its whole group
+        raise ValueError("calib_sequential fits one layer after another: use calib_sequential=False with 'shared'")
     moments = {} if sequential else {n: m.second_moment() for n, m in
                                      calibrate.collect_moments(source, names, windows()).items()}
     groups: dict[int, tuple[Method, list, list, list]] = {}
     with torch.no_grad():
         for (i, name, layer, dense), full in zip(swapped, names):
-            if sequential:
+            W = dense.weight.detach()
+            if sequential:       # the teacher's outputs, on the inputs the layers compressed so far give
                 if progress:
                     print(f"calibrating {full} on the inputs of the layers compressed before it")
-                moments[full] = calibrate.collect_moments(model, [full], windows())[full].second_moment()
+                moments[full], cross = calibrate.collect_cross_moments(source, model, full, windows())
+                W = calibrate.teacher_target(W, moments[full], cross, damping)
             target = spec.target(i, name, n_layer)
             method = METHODS[target.method]
-            W, C = dense.weight.detach(), moments[full]
+            C = moments[full]
             if method.fit_group is not None:
                 _, layers, weights, Cs = groups.setdefault(id(layer.basis), (method, [], [], []))
                 layers.append(layer)

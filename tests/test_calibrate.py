@@ -387,3 +387,39 @@ def test_a_layer_reading_a_swapped_order_is_refused():
         collect_moments(model, ["transformer.h.0.mlp.c_proj"], [torch.zeros(1, 4, dtype=torch.long)])
     moments = collect_moments(model, ["transformer.h.0.mlp.c_fc"], [torch.zeros(1, 4, dtype=torch.long)])
     assert moments["transformer.h.0.mlp.c_fc"].count == 4
+
+
+def test_teacher_target_is_the_least_squares_fit_to_the_teachers_outputs():
+    """min ||W_hat x~ - W x||^2 + mu ||W_hat - W||^2 over dense W_hat is W' = W (X + mu I) C_d^-1; where the
+    student sees the teacher's inputs (x~ = x) W' is W itself."""
+    g = gen(5)
+    W = torch.randn(6, 8, generator=g, dtype=torch.float64)
+    x = torch.randn(500, 8, generator=g, dtype=torch.float64) * torch.logspace(-1, 0.5, 8, dtype=torch.float64)
+    x_student = x + 0.3 * torch.randn(500, 8, generator=g, dtype=torch.float64)
+    C, X = x_student.t() @ x_student / 500, x.t() @ x_student / 500
+    target = calibrate.teacher_target(W, C, X, damping=1e-2)
+    mu = 1e-2 * C.diagonal().mean()
+    # the same problem as one stacked least-squares system: [x~; sqrt(mu) I] W_hat^T = [x W^T; sqrt(mu) W^T]
+    lhs = torch.cat([x_student / 500 ** 0.5, mu.sqrt() * torch.eye(8, dtype=torch.float64)])
+    rhs = torch.cat([x @ W.t() / 500 ** 0.5, mu.sqrt() * W.t()])
+    torch.testing.assert_close(target, torch.linalg.lstsq(lhs, rhs).solution.t(), rtol=1e-8, atol=1e-10)
+    torch.testing.assert_close(calibrate.teacher_target(W, x.t() @ x / 500, x.t() @ x / 500), W, rtol=1e-8, atol=1e-10)
+
+
+def test_cross_moments_are_those_of_the_two_models_inputs():
+    from model import GPT, GPTConfig
+    torch.manual_seed(0)
+    teacher = GPT(GPTConfig(block_size=16, vocab_size=64, n_layer=2, n_head=2, n_embd=16))
+    student = GPT(GPTConfig(block_size=16, vocab_size=64, n_layer=2, n_head=2, n_embd=16))
+    idx = torch.randint(0, 64, (3, 16), generator=gen(1))
+    inputs = {}
+    for who, model in (("t", teacher), ("s", student)):
+        h = model.transformer.h[1].mlp.c_proj.register_forward_pre_hook(
+            lambda m, a, who=who: inputs.__setitem__(who, a[0].reshape(-1, 64).double()))
+        with torch.no_grad():
+            model(idx)
+        h.remove()
+    C, X = calibrate.collect_cross_moments(teacher, student, "transformer.h.1.mlp.c_proj", [idx[:2], idx[2:]])
+    torch.testing.assert_close(C, inputs["s"].t() @ inputs["s"] / 48, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(X, inputs["t"].t() @ inputs["s"] / 48, rtol=1e-10, atol=1e-12)
+    assert not teacher.transformer.h[1].mlp.c_proj._forward_pre_hooks      # the hooks are gone

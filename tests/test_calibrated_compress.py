@@ -102,7 +102,7 @@ def test_sequential_calibration_sees_the_compressed_inputs(teacher, tokens):
     (dict(calib_tokens=-1), dict(), "calib_tokens=-1 must be a whole number"),
     (dict(calib_tokens=100, kron_b_shape=(2, 1), kron_init="prune"), dict(calib_data="tokens"), "kron_init 'vl' or 'vl-norm'"),
     (dict(calib_tokens=100, mlp="shared", lowrank_rank=4, calib_sequential=True), dict(calib_data="tokens"),
-     "calib_sequential=False with method 'shared'"),
+     "calib_sequential=False with 'shared'"),
     (dict(calib_damping=-1.0), dict(), "calib_damping"),
     (dict(calib_tokens=100), dict(calib_data="other tokenizer"), "beyond the teacher's vocabulary"),
 ])
