@@ -191,8 +191,8 @@ GENERAL_KEYS = {
                                           "Van Loan error first"),
     "calib_tokens": (0, int, "fit the factors to the teacher's activations on this many training tokens "
                              "(0: off, the weights alone)"),
-    "calib_sequential": (False, bool, "calibrate each layer on the inputs of the already-compressed layers "
-                                      "before it (what the compressed model will see)"),
+    "calib_sequential": (False, bool, "fit each layer to the teacher's outputs on the inputs of the "
+                                      "already-compressed layers before it (what the compressed model will see)"),
     "calib_damping": (1e-2, float, "damping of the calibrated fits (x mean input energy): larger is closer "
                                    "to the weight-error fit"),
 }
