@@ -49,6 +49,8 @@ runs = [
          calib_tokens=_calib, calib_sequential=True),
     dict(name="2 factors B4x2, calibrated", **_kron, kron_b_shape=(4, 2), kron_factors=2, kron_init="vl-norm",
          calib_tokens=_calib),
+    dict(name="2 factors B4x2, calibrated sequentially", **_kron, kron_b_shape=(4, 2), kron_factors=2,
+         kron_init="vl-norm", calib_tokens=_calib, calib_sequential=True),
     dict(name="4 factors B4x4 + scalars, calibrated", **_kron, kron_b_shape=(4, 4), kron_factors=4,
          kron_scalars=True, kron_init="vl-norm", calib_tokens=_calib),
     dict(name="lowrank r=25, calibrated", mlp="lowrank", lowrank_rank=25, calib_tokens=_calib),
