@@ -1,7 +1,10 @@
 """Shared fixtures: tiny GPT-2 checkpoints built with transformers, in both on-disk layouts; tiny
 token data and the tiny train.py runs of tests/test_train.py and tests/test_faults.py."""
+import contextlib
 import hashlib
 import os
+import shutil
+import subprocess
 import sys
 
 import numpy as np
@@ -168,3 +171,20 @@ def spec_keys(model) -> dict:
     """The compression keys a model was built or compressed with."""
     from compress import spec_of
     return spec_of(model).keys
+
+
+@contextlib.contextmanager
+def tmpfs(directory, options: str):
+    """`directory` (created here) as a tmpfs mounted with `options` (e.g. "size=1m", "ro,size=1m"), unmounted
+    afterwards: a real small or read-only disk. Needs root and a mount that works; skips elsewhere."""
+    directory.mkdir()
+    if os.geteuid() != 0 or not shutil.which("mount"):
+        pytest.skip("mounting a tmpfs needs root")
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(directory)], capture_output=True,
+                             text=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.strip()}")
+    try:
+        yield directory
+    finally:
+        subprocess.run(["umount", str(directory)], check=True)

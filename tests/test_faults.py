@@ -28,7 +28,7 @@ import prepare_owt
 import sample
 import storage
 import train
-from conftest import ROOT, VOCAB, kron_run, run, run_argv, scratch, sha
+from conftest import ROOT, VOCAB, kron_run, run, run_argv, scratch, sha, tmpfs
 from checkpoints import from_checkpoint, load_checkpoint, save_checkpoint
 from conftest import gpt
 from model import GPT
@@ -833,18 +833,8 @@ def test_disk_full_while_saving(tmp_path, data_dir, monkeypatch, capsys, where, 
 def small_disk(tmp_path):
     """(directory, resize(bytes)): a tmpfs of its own, to fill for real. Needs root and a mount that
     works (skipped elsewhere)."""
-    disk = tmp_path / "disk"
-    disk.mkdir()
-    if os.geteuid() != 0 or not shutil.which("mount"):
-        pytest.skip("mounting a tmpfs needs root")
-    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(disk)], capture_output=True,
-                             text=True)
-    if mounted.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.strip()}")
-    try:
+    with tmpfs(tmp_path / "disk", "size=1m") as disk:
         yield disk, lambda size: subprocess.run(["mount", "-o", f"remount,size={size}", str(disk)], check=True)
-    finally:
-        subprocess.run(["umount", str(disk)], check=True)
 
 
 def test_a_disk_that_really_fills_up(tmp_path, data_dir, small_disk):

@@ -16,7 +16,7 @@ import data
 import prepare_owt
 import storage
 import train
-from conftest import ROOT, VOCAB, run, run_argv, scratch, write_tiny_tokens
+from conftest import ROOT, VOCAB, run, run_argv, scratch, tmpfs, write_tiny_tokens
 from checkpoints import from_checkpoint, load_checkpoint, save_checkpoint
 from model import GPT, GPTConfig
 from test_faults import (PAUSING_TRAIN, assert_one_line_error, finish, run_clis, train_process,
@@ -305,18 +305,8 @@ def test_faults_of_the_sweep_are_one_line(tmp_path, data_dir, big_data, tiny_hf_
 @pytest.fixture
 def read_only_dir(tmp_path):
     """A read-only tmpfs mount (root and a working mount needed; skipped elsewhere)."""
-    disk = tmp_path / "ro"
-    disk.mkdir()
-    if os.geteuid() != 0 or not shutil.which("mount"):
-        pytest.skip("mounting a tmpfs needs root")
-    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=1m", "tmpfs", str(disk)], capture_output=True,
-                             text=True)
-    if mounted.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.strip()}")
-    try:
+    with tmpfs(tmp_path / "ro", "ro,size=1m") as disk:
         yield disk
-    finally:
-        subprocess.run(["umount", str(disk)], check=True)
 
 
 @pytest.mark.slow
